@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv and installs pinned versions itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+export WANDB_SILENT := true
+export PYTHONHASHSEED := 0
+
+.PHONY: demo test venv bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/clipline demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/curate_bench.py
+
+clean:
+	rm -rf demo_out .pytest_cache

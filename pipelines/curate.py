@@ -1,0 +1,387 @@
+"""The curation stage as an Apache Beam pipeline: raw URL lists -> matched, filtered, balanced candidates.
+
+Graph (one composite PTransform per step, each wrapping the pure functions of ``curate_steps``)::
+
+    ReadRawPairs -> FilterRecords -> MatchEntries -> DedupPairs -> IdentifyLanguage ─┬─> CountEntries ─┐
+                                                                                      │  (SolveT)      │ side inputs
+                                                                                      └─> BalanceAndWrite <┘ -> stats
+
+Outputs (local dir or s3://): ``candidates/part-*.parquet``, ``rejected/part-*.parquet``,
+``entry_counts.parquet`` and ``stats.json``, written last: a directory without stats.json is unfinished and a
+rerun starts it again. Every file is written whole (temp + rename, or one S3 PUT). Names and contents depend only
+on the inputs and parameters, never on the runner or the number of workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from importlib.metadata import version
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import curate_steps as S
+from pipelines import querylist as QL
+from pipelines import storage
+from pipelines.balance import DEFAULT_T, solve_t_from_sample
+from pipelines.beam_options import make_options
+from pipelines.readers import InputFile, read_batches, resolve_inputs
+from schemas import conform
+from schemas import entry_counts as counts_schema
+from schemas.stage_stats import validate_stats
+
+log = logging.getLogger(__name__)
+N_DEDUP_BUCKETS = 64
+SAMPLE_SIZE = 1_000_000  # rows used to size t for --target-size (exact when the pool is smaller)
+STATS_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+
+class _ReadFile(beam.DoFn):
+    def __init__(self, batch_rows: int):
+        self.batch_rows = batch_rows
+
+    def process(self, inp: InputFile):
+        rows = 0
+        for raw in read_batches(inp, self.batch_rows):
+            rows += len(raw.urls)
+            yield raw
+        yield beam.pvalue.TaggedOutput("files", {"uri": inp.uri, "rows": rows, "bytes": inp.size,
+                                                 "sha256": storage.sha256_of(inp.uri)})
+
+
+class ReadRawPairs(beam.PTransform):
+    """Input files -> RawBatch elements (plus a tagged output 'files' with rows and content hash per file)."""
+
+    def __init__(self, inputs: list[InputFile], batch_rows: int):
+        super().__init__()
+        self.inputs, self.batch_rows = inputs, batch_rows
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Files" >> beam.Create(self.inputs)
+                | "Spread" >> beam.Reshuffle()
+                | "Read" >> beam.ParDo(_ReadFile(self.batch_rows)).with_outputs("files", main="batches"))
+
+
+class FilterRecords(beam.PTransform):
+    def __init__(self, params: S.CurateParams):
+        super().__init__()
+        self.params = params
+
+    def expand(self, batches):
+        return batches | "Filter" >> beam.Map(S.filter_batch, self.params)
+
+
+class _MatchFn(beam.DoFn):
+    def __init__(self, entries: tuple[str, ...]):
+        self.entries = entries
+        self.matcher = None
+
+    def setup(self):
+        from pipelines.matching import EntryMatcher
+
+        self.matcher = EntryMatcher(self.entries)  # built once per worker
+
+    def process(self, batch):
+        yield S.match_batch(batch, self.matcher)
+
+
+class MatchEntries(beam.PTransform):
+    """MetaCLIP substring matching with one Aho-Corasick automaton per worker; no match -> rejected."""
+
+    def __init__(self, entries: tuple[str, ...]):
+        super().__init__()
+        self.entries = entries
+
+    def expand(self, batches):
+        return batches | "Match" >> beam.ParDo(_MatchFn(self.entries))
+
+
+def _join_losers(element):
+    _batch_id, grouped = element
+    (batch,) = grouped["batch"]
+    losers = [x for part in grouped["losers"] for x in part]
+    return S.apply_dedup(batch, losers)
+
+
+class DedupPairs(beam.PTransform):
+    """Exact dedup by URL (or URL + caption): URL hashes are shuffled by bucket, each bucket picks the earliest
+    row of every group, and the losers are joined back to their batch by batch id."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def expand(self, batches):
+        if self.mode == "none":
+            return batches
+        keyed = batches | "KeyByBatch" >> beam.Map(lambda b: (b.batch_id, b))
+        losers = (batches
+                  | "BucketKeys" >> beam.FlatMap(S.dedup_keys, N_DEDUP_BUCKETS)
+                  | "GroupBuckets" >> beam.GroupByKey()
+                  | "FindDuplicates" >> beam.FlatMap(lambda kv, mode: S.find_duplicates(kv[1], mode).items(), self.mode))
+        return ({"batch": keyed, "losers": losers}
+                | "Join" >> beam.CoGroupByKey()
+                | "Apply" >> beam.Map(_join_losers))
+
+
+class _LanguageFn(beam.DoFn):
+    def __init__(self, params: S.CurateParams):
+        self.params = params
+        self.identifier = None
+
+    def setup(self):
+        from pipelines.langid import EnglishLexicon, LanguageIdentifier, make_backend
+
+        lexicon = EnglishLexicon.cached() if self.params.lexicon_shortcut else None
+        self.identifier = LanguageIdentifier(make_backend(self.params.lang_backend, self.params.seed), lexicon)
+
+    def process(self, batch):
+        yield S.language_batch(batch, self.identifier, self.params)
+
+
+class IdentifyLanguage(beam.PTransform):
+    """Language ID only on rows still alive after matching and dedup (it is the costly step)."""
+
+    def __init__(self, params: S.CurateParams):
+        super().__init__()
+        self.params = params
+
+    def expand(self, batches):
+        return batches | "Language" >> beam.ParDo(_LanguageFn(self.params))
+
+
+class _SumCounts(beam.CombineFn):
+    def __init__(self, n_entries: int):
+        self.n = n_entries
+
+    def create_accumulator(self):
+        return np.zeros(self.n, np.int64)
+
+    def add_input(self, acc, part):
+        ids, counts = part
+        np.add.at(acc, ids, counts)
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        total = accs[0]
+        for a in accs[1:]:
+            total += a
+        return total
+
+    def extract_output(self, acc):
+        return acc
+
+
+class CountEntries(beam.PTransform):
+    """Entry counts over the whole matched pool: a global combine of per-batch sparse counts."""
+
+    def __init__(self, n_entries: int):
+        super().__init__()
+        self.n = n_entries
+
+    def expand(self, batches):
+        return (batches
+                | "Partial" >> beam.Map(S.partial_counts)
+                | "Sum" >> beam.CombineGlobally(_SumCounts(self.n)))
+
+
+class _BottomK(beam.CombineFn):
+    """The k rows with the smallest hash: a deterministic uniform sample, the same on any runner."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, rows):
+        return heapq.nsmallest(self.k, acc + rows)
+
+    def merge_accumulators(self, accs):
+        return heapq.nsmallest(self.k, [x for a in accs for x in a])
+
+    def extract_output(self, acc):
+        return sorted(acc)
+
+
+def _solve_t(sample, counts, target: int, pool_size: int) -> float:
+    return solve_t_from_sample([ids for _h, ids in sample], counts, target, pool_size)
+
+
+class _BalanceWriteFn(beam.DoFn):
+    def __init__(self, out: str, params: S.CurateParams):
+        self.out, self.params = out, params
+
+    def process(self, batch, counts, t):
+        candidates, rejected = S.balance_batch(batch, counts, t, self.params)
+        name = f"part-{batch.batch_id}.parquet"
+        _write_parquet(storage.join(self.out, "candidates", name), candidates)
+        _write_parquet(storage.join(self.out, "rejected", name), rejected)
+        yield S.batch_stats(batch, candidates.num_rows)
+
+
+class BalanceAndWrite(beam.PTransform):
+    """keep_prob = 1 - prod(1 - p_e) from the global counts, the per-uid draw, and one Parquet per batch."""
+
+    def __init__(self, out: str, params: S.CurateParams, counts, t):
+        super().__init__()
+        self.out, self.params, self.counts, self.t = out, params, counts, t
+
+    def expand(self, batches):
+        return batches | "BalanceWrite" >> beam.ParDo(
+            _BalanceWriteFn(self.out, self.params),
+            beam.pvalue.AsSingleton(self.counts), beam.pvalue.AsSingleton(self.t))
+
+
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_bytes_atomic(uri, sink.getvalue())
+
+
+def _write_counts(counts: np.ndarray, out: str, t: float):
+    table = pa.table({"entry_id": pa.array(np.arange(len(counts), dtype=np.int32)),
+                      "count": pa.array(counts, pa.int64())})
+    _write_parquet(storage.join(out, "entry_counts.parquet"), conform(table, counts_schema.SCHEMA,
+                                                                        where="entry_counts"))
+    return {"t": float(t), "entries_matched": int((counts > 0).sum()),
+            "entries_at_or_over_t": int((counts >= t).sum()), "matched_pairs_entry_total": int(counts.sum())}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def params_hash(params: S.CurateParams, inputs: list[InputFile], qlist_hash: str) -> str:
+    blob = json.dumps({"params": asdict(params), "inputs": [(i.uri, i.size) for i in inputs],
+                       "querylist": qlist_hash, "version": STATS_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_stats(out: str) -> dict | None:
+    uri = storage.join(out, "stats.json")
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except ValueError:
+        return None
+
+
+def _clear_outputs(out: str) -> None:
+    for sub in ("candidates", "rejected", "_tmp"):
+        prefix = storage.join(out, sub)
+        if storage.is_s3(prefix) or storage.exists(prefix):
+            for uri in storage.list_prefix(prefix):
+                storage.delete(uri)
+    for name in ("entry_counts.parquet", "stats.json"):
+        uri = storage.join(out, name)
+        if storage.exists(uri):
+            storage.delete(uri)
+
+
+def run_curate(inputs: list[str], querylist: str, out: str, params: S.CurateParams | None = None, *,
+               url_col: str = "url", caption_col: str = "caption", fmt: str | None = None,
+               columns: list[str] | None = None, runner: str = "DirectRunner", workers: int = 1,
+               beam_args: list[str] | None = None, force: bool = False) -> dict:
+    """Run curation and return its stats. A finished output with the same parameters is reused."""
+    params = params or S.CurateParams()
+    if params.target_size is not None:
+        params = replace(params, t=None)
+    elif params.t is None:
+        params = replace(params, t=DEFAULT_T)
+    started = time.time()
+    files = resolve_inputs(inputs, url_col=url_col, caption_col=caption_col, fmt=fmt, columns=columns)
+    qlist = QL.load(querylist)
+    phash = params_hash(params, files, qlist.content_hash)
+    previous = read_stats(out)
+    if previous and previous.get("params_hash") == phash and not force:
+        previous["reused"] = True
+        return previous
+    _clear_outputs(out)
+
+    tmp_stats = storage.join(out, "_tmp", f"stats-{phash[:12]}.json")
+    options = make_options(runner=runner, workers=workers, extra=beam_args)
+    with beam.Pipeline(options=options) as p:
+        read = p | "ReadRawPairs" >> ReadRawPairs(files, params.batch_rows)
+        live = (read.batches
+                | "FilterRecords" >> FilterRecords(params)
+                | "MatchEntries" >> MatchEntries(qlist.entries)
+                | "DedupPairs" >> DedupPairs(params.dedup)
+                | "IdentifyLanguage" >> IdentifyLanguage(params))
+        counts = live | "CountEntries" >> CountEntries(len(qlist))
+        if params.target_size is not None:
+            sample = (live
+                      | "SampleKeys" >> beam.Map(S.sample_keys, params.seed)
+                      | "BottomK" >> beam.CombineGlobally(_BottomK(SAMPLE_SIZE)))
+            pool_size = (live | "PoolSize" >> beam.Map(len) | "SumPool" >> beam.CombineGlobally(sum))
+            t = (counts
+                 | "SolveT" >> beam.Map(lambda c, s, n, target: _solve_t(s, c, target, n),
+                                        beam.pvalue.AsSingleton(sample), beam.pvalue.AsSingleton(pool_size),
+                                        params.target_size))
+        else:
+            t = p | "FixedT" >> beam.Create([float(params.t)])
+        balance_info = (counts
+                        | "WriteCounts" >> beam.Map(_write_counts, out, beam.pvalue.AsSingleton(t)))
+        batch_stats = live | "BalanceAndWrite" >> BalanceAndWrite(out, params, counts, t)
+        files_info = read.files | "ListFiles" >> beam.combiners.ToList()
+        (batch_stats
+         | "MergeStats" >> beam.combiners.ToList()
+         | "Finalize" >> beam.Map(_write_tmp_stats, tmp_stats, beam.pvalue.AsSingleton(balance_info),
+                                  beam.pvalue.AsSingleton(files_info)))
+
+    stats = json.loads(storage.read_bytes(tmp_stats))
+    storage.delete(tmp_stats)
+    stats.update({
+        "stage": "curate",
+        "version": STATS_VERSION,
+        "params": {**asdict(params), "langs": list(params.langs)},
+        "params_hash": phash,
+        "querylist": {"uri": querylist, "sha256": qlist.content_hash, "entries": len(qlist)},
+        "runner": {"runner": runner, "workers": workers, "args": beam_args or []},
+        "versions": _versions(),
+        "elapsed_s": round(time.time() - started, 3),
+    })
+    validate_stats(stats)
+    storage.write_bytes_atomic(storage.join(out, "stats.json"), json.dumps(stats, indent=2).encode())
+    return stats
+
+
+def _write_tmp_stats(parts, uri, balance_info, files_info):
+    stats = S.merge_stats(parts)
+    stats["steps"] = S.funnel(stats)
+    stats["balance"] = balance_info
+    stats["inputs"] = sorted(files_info, key=lambda f: f["uri"])
+    storage.write_bytes_atomic(uri, json.dumps(stats).encode())
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("clipline", "apache-beam", "pyarrow", "pyahocorasick", "py3langid", "langdetect", "wordfreq"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - a missing distribution is recorded, not fatal
+            out[pkg] = None
+    return out
+
+
+def read_candidates(out: str) -> pa.Table:
+    """All candidates of a finished curation output (raises if it is unfinished)."""
+    if read_stats(out) is None:
+        raise FileNotFoundError(f"{out}: curation output is unfinished (no stats.json)")
+    parts = sorted(storage.list_prefix(storage.join(out, "candidates")))
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in parts if u.endswith(".parquet")]
+    from schemas import candidate
+
+    return pa.concat_tables(tables) if tables else candidate.SCHEMA.empty_table()

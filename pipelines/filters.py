@@ -1,0 +1,100 @@
+"""Record filters of the curation stage: caption checks, URL checks and the deterministic pair uid.
+
+Each check is a pure function returning ``None`` (keep) or a reason string (reject), so every dropped row is
+counted under exactly one reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import unicodedata
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+# Reasons (stable names: stats.json and rejected/*.parquet use them).
+EMPTY_CAPTION = "empty_caption"
+INVALID_TEXT = "invalid_text"
+INVALID_UTF8 = "invalid_utf8"
+MALFORMED_RECORD = "malformed_record"
+TOO_FEW_WORDS = "too_few_words"
+TOO_FEW_CHARS = "too_few_chars"
+TOO_LONG = "too_long"
+MISSING_URL = "missing_url"
+BAD_URL_SCHEME = "bad_url_scheme"
+BAD_URL_HOST = "bad_url_host"
+NO_MATCH = "no_match"
+DUPLICATE_URL = "duplicate_url"
+DUPLICATE_URL_CAPTION = "duplicate_url_caption"
+WRONG_LANGUAGE = "wrong_language"
+LOW_LANG_SCORE = "low_lang_score"
+NOT_SAMPLED = "not_sampled"
+
+
+@dataclass(frozen=True)
+class CaptionFilterConfig:
+    min_words: int = 2
+    min_chars: int = 5
+    max_chars: int = 1000
+    max_words: int = 200
+
+
+def pair_uid(url: str, caption: str) -> str:
+    """Deterministic 128-bit uid of a pair (hex): blake2b of url and caption separated by NUL."""
+    return hashlib.blake2b(f"{url}\x00{caption}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _bad_char(ch: str) -> bool:
+    cat = unicodedata.category(ch)
+    return ch == "\ufffd" or (cat == "Cc" and ch not in "\t\n\r") or cat == "Cs"
+
+
+def check_caption(caption, cfg: CaptionFilterConfig) -> str | None:
+    """Reason to reject a caption, or None. Length is checked before anything scans the text."""
+    if caption is None:
+        return EMPTY_CAPTION
+    if len(caption) > cfg.max_chars:
+        return TOO_LONG
+    stripped = caption.strip()
+    if not stripped:
+        return EMPTY_CAPTION
+    if not caption.isprintable() and any(_bad_char(ch) for ch in caption):
+        return INVALID_TEXT
+    if not any(ch.isalpha() for ch in stripped):
+        return INVALID_TEXT
+    if len(stripped) < cfg.min_chars:
+        return TOO_FEW_CHARS
+    n_words = len(stripped.split())
+    if n_words < cfg.min_words:
+        return TOO_FEW_WORDS
+    if n_words > cfg.max_words:
+        return TOO_LONG
+    return None
+
+
+def check_url(url) -> str | None:
+    """Reason to reject an image URL, or None: http/https only, with a host that parses."""
+    if url is None or not url.strip():
+        return MISSING_URL
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return BAD_URL_HOST
+    if parts.scheme.lower() not in ("http", "https"):
+        return BAD_URL_SCHEME
+    if not host or any(ch.isspace() for ch in url):
+        return BAD_URL_HOST
+    if host.startswith("[") or ":" in host:
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return BAD_URL_HOST
+        return None
+    labels = host.rstrip(".").split(".")
+    if any(not label or len(label) > 63 for label in labels) or len(host) > 253:
+        return BAD_URL_HOST
+    if any(not (ch.isalnum() or ch in "-_") for label in labels for ch in label):
+        return BAD_URL_HOST
+    return None

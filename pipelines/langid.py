@@ -1,0 +1,190 @@
+"""Language identification of captions behind one interface, with a safe English shortcut.
+
+Backends: ``py3langid`` (fast, ships its model; the default) and ``langdetect`` (the reference; seeded and
+initialised once per process because its factory is not thread-safe on first use). Both return ISO 639-1 codes
+and a probability.
+
+The shortcut (:class:`EnglishLexicon`) labels a caption English without running a backend when every word is a
+common English word and at least two, and at least a third, of its words are *English-specific*: words whose
+wordfreq frequency in English is >= 10**margin times their frequency in each of 12 other European languages.
+Measured on real captions (benchmarks/curate_bench.py): it fires on ~89% of CC3M captions and on none of the
+German, French or Czech Multi30k captions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+UNDETERMINED = "und"
+LEXICON_METHOD_SCORE = 1.0
+_OTHER_LANGS = ("de", "fr", "es", "it", "nl", "pt", "sv", "pl", "cs", "fi", "nb", "ca")
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+
+
+class LangIdBackend:
+    """Interface: ``detect(texts) -> [(lang, score)]``; ``name`` identifies the backend in stats."""
+
+    name = "base"
+
+    def detect(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        raise NotImplementedError  # interface method, implemented by every backend below
+
+
+class Py3LangidBackend(LangIdBackend):
+    name = "py3langid"
+
+    def __init__(self):
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        self._ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+    def detect(self, texts):
+        classify = self._ident.classify
+        out = []
+        for text in texts:
+            lang, prob = classify(text)
+            out.append((lang, float(prob)))
+        return out
+
+
+_LANGDETECT_LOCK = threading.Lock()
+_LANGDETECT_READY = False
+
+
+def _init_langdetect(seed: int) -> None:
+    """langdetect loads its profiles lazily into a global factory; doing that from two threads at once corrupts
+    it, so it is done once per process under a lock, and the factory is seeded for deterministic results."""
+    global _LANGDETECT_READY
+    with _LANGDETECT_LOCK:
+        if _LANGDETECT_READY:
+            return
+        from langdetect import DetectorFactory, detector_factory
+
+        DetectorFactory.seed = seed
+        detector_factory.init_factory()
+        _LANGDETECT_READY = True
+
+
+class LangdetectBackend(LangIdBackend):
+    name = "langdetect"
+
+    def __init__(self, seed: int = 0):
+        _init_langdetect(seed)
+        from langdetect import DetectorFactory, detector_factory
+        from langdetect.lang_detect_exception import LangDetectException
+
+        DetectorFactory.seed = seed
+        self._factory = detector_factory._factory
+        self._error = LangDetectException
+
+    def detect(self, texts):
+        out = []
+        for text in texts:
+            try:
+                detector = self._factory.create()
+                detector.append(text)
+                best = detector.get_probabilities()[0]
+                out.append((best.lang.split("-")[0], float(best.prob)))
+            except self._error:
+                out.append((UNDETERMINED, 0.0))
+        return out
+
+
+BACKENDS = {"py3langid": Py3LangidBackend, "langdetect": LangdetectBackend}
+
+
+def make_backend(name: str, seed: int = 0) -> LangIdBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown language-ID backend {name!r} (choose from {', '.join(BACKENDS)})")
+    return BACKENDS[name](seed=seed) if name == "langdetect" else BACKENDS[name]()
+
+
+class EnglishLexicon:
+    """Common English words and the English-specific subset, from wordfreq's bundled frequency lists."""
+
+    VERSION = 1
+
+    def __init__(self, known: frozenset[str], specific: frozenset[str]):
+        self.known = known
+        self.specific = specific
+
+    @classmethod
+    def build(cls, min_zipf: float = 2.0, margin: float = 0.7) -> "EnglishLexicon":
+        import wordfreq
+
+        def zipf(freq: float) -> float:
+            return math.log10(freq) + 9 if freq > 0 else 0.0
+
+        english = wordfreq.get_frequency_dict("en", wordlist="large")
+        others = [wordfreq.get_frequency_dict(lang, wordlist="large") for lang in _OTHER_LANGS]
+        known, specific = set(), set()
+        for word, freq in english.items():
+            z = zipf(freq)
+            if z < min_zipf or not word.isalpha():
+                continue
+            known.add(word)
+            if z - max(zipf(d.get(word, 0.0)) for d in others) >= margin:
+                specific.add(word)
+        return cls(frozenset(known), frozenset(specific))
+
+    @classmethod
+    def cached(cls, min_zipf: float = 2.0, margin: float = 0.7) -> "EnglishLexicon":
+        """Build once per machine (~3 s) and keep it under the user cache directory."""
+        from importlib.metadata import version
+
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipline"
+        path = cache_dir / f"en_lexicon_v{cls.VERSION}_wf{version('wordfreq')}_{min_zipf}_{margin}.json"
+        try:
+            data = json.loads(path.read_text())
+            return cls(frozenset(data["known"]), frozenset(data["specific"]))
+        except (OSError, ValueError, KeyError):
+            pass
+        lex = cls.build(min_zipf, margin)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"known": sorted(lex.known), "specific": sorted(lex.specific)}))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache only costs the rebuild next time
+        return lex
+
+    def is_english(self, text: str) -> bool:
+        words = _WORD.findall(text.lower())
+        if not words:
+            return False
+        known, specific = self.known, self.specific
+        n_specific = 0
+        for word in words:
+            if word not in known:
+                return False
+            if word in specific:
+                n_specific += 1
+        return n_specific >= 2 and 3 * n_specific >= len(words)
+
+
+class LanguageIdentifier:
+    """Lexicon shortcut first (when enabled), the backend for the rest. ``detect`` returns (lang, score, method)."""
+
+    def __init__(self, backend: LangIdBackend, lexicon: EnglishLexicon | None = None):
+        self.backend = backend
+        self.lexicon = lexicon
+
+    def detect(self, texts: Sequence[str]) -> list[tuple[str, float, str]]:
+        out: list = [None] * len(texts)
+        todo_idx, todo = [], []
+        lex = self.lexicon
+        for i, text in enumerate(texts):
+            if lex is not None and lex.is_english(text):
+                out[i] = ("en", LEXICON_METHOD_SCORE, "lexicon")
+            else:
+                todo_idx.append(i)
+                todo.append(text)
+        for i, (lang, score) in zip(todo_idx, self.backend.detect(todo)):
+            out[i] = (lang, score, self.backend.name)
+        return out

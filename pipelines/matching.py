@@ -1,0 +1,68 @@
+"""Multi-pattern substring matching of captions against a query list (MetaCLIP semantics) with Aho-Corasick.
+
+One automaton over all spaced entries finds every occurrence, overlapping ones included, in a single pass over
+the normalised caption; its result equals MetaCLIP's loop of ``" " + entry + " " in text`` over all entries.
+"""
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+
+import ahocorasick
+
+from pipelines.text import normalize, spaced_entry
+
+
+class EntryMatcher:
+    """Finds the ids of all query-list entries that occur in a caption.
+
+    Entries that are identical strings share one automaton key whose value is the tuple of their ids, so a query
+    list with repeated entries still reports every id (as the naive loop would).
+    """
+
+    def __init__(self, entries: Sequence[str]):
+        self.n_entries = len(entries)
+        ids_by_needle: dict[str, list[int]] = {}
+        for entry_id, entry in enumerate(entries):
+            if entry is None or entry == "":
+                continue
+            ids_by_needle.setdefault(spaced_entry(entry), []).append(entry_id)
+        automaton = ahocorasick.Automaton()
+        for needle, ids in ids_by_needle.items():
+            automaton.add_word(needle, tuple(ids))
+        automaton.make_automaton()
+        self._automaton = automaton
+
+    def match_normalized(self, spaced_text: str) -> list[int]:
+        """Sorted unique entry ids found in an already normalised text."""
+        found: set[int] = set()
+        for _end, ids in self._automaton.iter(spaced_text):
+            found.update(ids)
+        return sorted(found)
+
+    def match(self, text: str) -> list[int]:
+        return self.match_normalized(normalize(text))
+
+    def match_many(self, texts: Sequence[str]) -> list[list[int]]:
+        it = self._automaton.iter
+        out = []
+        for text in texts:
+            found: set[int] = set()
+            for _end, ids in it(normalize(text)):
+                found.update(ids)
+            out.append(sorted(found))
+        return out
+
+    # The automaton pickles natively; keep the default protocol explicit so Beam can ship a matcher to workers.
+    def __getstate__(self):
+        return {"n_entries": self.n_entries, "automaton": pickle.dumps(self._automaton)}
+
+    def __setstate__(self, state):
+        self.n_entries = state["n_entries"]
+        self._automaton = pickle.loads(state["automaton"])
+
+
+def naive_match(text: str, entries: Sequence[str]) -> list[int]:
+    """MetaCLIP's reference implementation: a Python loop over every entry (used by tests and benchmarks)."""
+    spaced = normalize(text)
+    return [i for i, entry in enumerate(entries) if entry and spaced_entry(entry) in spaced]
