@@ -343,6 +343,13 @@ def run_curate(inputs: list[str], querylist: str, out: str, params: S.CuratePara
 
     stats = json.loads(storage.read_bytes(tmp_stats))
     storage.delete(tmp_stats)
+    if not storage.is_s3(out):
+        import os
+
+        try:
+            os.rmdir(storage.join(out, "_tmp"))
+        except OSError:
+            pass
     stats.update({
         "stage": "curate",
         "version": STATS_VERSION,

@@ -57,7 +57,7 @@ def check_caption(caption, cfg: CaptionFilterConfig) -> str | None:
     stripped = caption.strip()
     if not stripped:
         return EMPTY_CAPTION
-    if not caption.isprintable() and any(_bad_char(ch) for ch in caption):
+    if "\ufffd" in caption or (not caption.isprintable() and any(_bad_char(ch) for ch in caption)):
         return INVALID_TEXT
     if not any(ch.isalpha() for ch in stripped):
         return INVALID_TEXT

@@ -1,0 +1,235 @@
+"""The ``clipline`` command: one entry point for every stage, flow and report.
+
+User mistakes (a missing file, a bad column, an unknown eval-set spec...) end with one line on stderr and exit
+code 2, never a stack trace; bugs still raise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+class _DropNoise(logging.Filter):
+    """Beam logs an 'apitools not found' warning at import on every machine without GCP libraries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_DropNoise())
+
+app = typer.Typer(help="clipline: curate, crawl, shard, decontaminate, train and evaluate CLIP-style datasets.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+querylist_app = typer.Typer(help="Build and inspect query lists (the metadata entries captions are matched to).",
+                            no_args_is_help=True)
+app.add_typer(querylist_app, name="querylist")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipelines.querylist import QueryListError
+    from pipelines.readers import InputError
+    from pipelines.storage import StorageError
+    from schemas import SchemaError
+
+    errors: list[type[BaseException]] = [InputError, QueryListError, StorageError, SchemaError, FileNotFoundError]
+    try:
+        from pipelines.evalsets import EvalSetSpecError
+
+        errors.append(EvalSetSpecError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _run_user(fn, *args, **kwargs):
+    """Call fn; a user-facing error becomes a one-line message and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+# ---------------------------------------------------------------------------------------------- querylist
+
+
+@querylist_app.command("build")
+def querylist_build(
+    out: Path = typer.Option(..., "--out", help="Query list Parquet to write (entry_id, entry, source)."),
+    wordfreq: int = typer.Option(0, help="Top-N English unigrams from wordfreq's 'large' list (0: none; -1: all)."),
+    wordfreq_capitalized: int = typer.Option(0, help="Capitalised forms of the top-N unigrams (matching is "
+                                                     "case-sensitive)."),
+    wordnet: Optional[Path] = typer.Option(None, help="WordNet database directory (index.noun ...), e.g. "
+                                                      "/usr/share/wordnet."),
+    bigrams_from: list[str] = typer.Option([], help="Caption file(s) to mine high-PMI bigrams from (any input "
+                                                    "format of `curate`)."),
+    caption_col: str = typer.Option("caption", help="Caption column of --bigrams-from files."),
+    columns: Optional[str] = typer.Option(None, help="Header-less CSV/TSV column names, comma-separated."),
+    bigram_min_count: int = typer.Option(5, help="Minimum bigram count."),
+    bigram_min_pmi: float = typer.Option(3.0, help="Minimum PMI (natural log)."),
+    bigram_top: int = typer.Option(0, help="Keep at most this many bigrams (0: all passing)."),
+    terms: list[Path] = typer.Option([], help="User term list(s): UTF-8, one entry per line."),
+):
+    """Build a versioned query list from offline sources and print how many entries each gave."""
+    from pipelines import querylist as QL
+
+    def build():
+        sources = []
+        for path in terms:
+            sources.append((f"user:{path.name}", QL.read_term_file(str(path))))
+        if wordnet:
+            sources.append(("wordnet", QL.wordnet_lemmas(str(wordnet))))
+        unigrams = QL.wordfreq_unigrams(None if wordfreq < 0 else max(wordfreq, wordfreq_capitalized)) \
+            if (wordfreq or wordfreq_capitalized) else []
+        if wordfreq:
+            sources.append(("wordfreq", unigrams if wordfreq < 0 else unigrams[:wordfreq]))
+        if wordfreq_capitalized:
+            sources.append(("wordfreq_capitalized", QL.capitalized(unigrams, wordfreq_capitalized)))
+        if bigrams_from:
+            sources.append(("bigram_pmi", QL.pmi_bigrams(_iter_captions(bigrams_from, caption_col, columns),
+                                                         min_count=bigram_min_count, min_pmi=bigram_min_pmi,
+                                                         top_k=bigram_top or None)))
+        if not sources:
+            raise QL.QueryListError("no source given: use --wordfreq, --wordfreq-capitalized, --wordnet, "
+                                    "--bigrams-from or --terms")
+        qlist = QL.from_sources(sources)
+        QL.save(qlist, str(out))
+        return qlist, {name: len(items) for name, items in sources}
+
+    qlist, offered = _run_user(build)
+    stats = _querylist_stats_table(qlist)
+    typer.echo(f"wrote {out}: {len(qlist)} entries, sha256 {qlist.content_hash[:16]}")
+    for name, n in offered.items():
+        typer.echo(f"  {name:<24} offered {n:>8}  new {stats['by_source'].get(name, 0):>8}")
+
+
+def _iter_captions(patterns, caption_col, columns):
+    from pipelines.readers import read_batches, resolve_inputs
+
+    cols = columns.split(",") if columns else None
+    url_col = "url" if not cols or "url" in cols else cols[0]
+    for inp in resolve_inputs(patterns, url_col=url_col, caption_col=caption_col, columns=cols):
+        for batch in read_batches(inp):
+            yield from (c for c in batch.captions if c)
+
+
+def _querylist_stats_table(qlist) -> dict:
+    from pipelines import querylist as QL
+
+    return QL.stats(qlist)
+
+
+@querylist_app.command("stats")
+def querylist_stats(path: str = typer.Argument(..., help="Query list (Parquet or text, local or s3://)."),
+                    as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Entries per source, words per entry, lengths and the content hash of any query list."""
+    from pipelines import querylist as QL
+
+    qlist = _run_user(QL.load, path)
+    stats = QL.stats(qlist)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    typer.echo(f"{path}: {stats['entries']} entries, sha256 {stats['sha256']}")
+    for name, n in stats["by_source"].items():
+        typer.echo(f"  source {name:<24} {n:>9}")
+    typer.echo("  words per entry: " + ", ".join(f"{k}: {v}" for k, v in stats["by_words"].items()))
+    typer.echo(f"  characters: min {stats['chars']['min']}, median {stats['chars']['median']}, "
+               f"max {stats['chars']['max']}")
+    if stats["with_punctuation"]:
+        typer.echo(f"  note: {stats['with_punctuation']} entries contain , . ; : ? ! or ` and can never match "
+                   f"(MetaCLIP spacing splits them)")
+
+
+# ---------------------------------------------------------------------------------------------- curate
+
+
+@app.command()
+def curate(
+    input: list[str] = typer.Option(..., "--input", "-i", help="Input file(s), glob(s) or directories: Parquet, "
+                                                               "CSV, TSV, JSONL (optionally .gz), local or s3://."),
+    querylist: str = typer.Option(..., "--querylist", "-q", help="Query list: Parquet or text (one entry/line)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory (local or s3://bucket/prefix)."),
+    url_col: str = typer.Option("url", help="URL column name."),
+    caption_col: str = typer.Option("caption", help="Caption column name."),
+    columns: Optional[str] = typer.Option(None, help="Names of header-less CSV/TSV columns, comma-separated "
+                                                     "(e.g. caption,url for CC3M's TSV)."),
+    format: Optional[str] = typer.Option(None, "--format", help="parquet|csv|tsv|jsonl (default: from the name)."),
+    t: Optional[float] = typer.Option(None, "--t", help="Balancing threshold t (default 20000)."),
+    target_size: Optional[int] = typer.Option(None, help="Find t so that the expected kept count is this."),
+    no_balance: bool = typer.Option(False, help="Keep every candidate (keep_prob is still stored)."),
+    seed: int = typer.Option(0, help="Seed of the per-uid balancing draw."),
+    langs: str = typer.Option("en", help="Languages to keep, comma-separated ('' keeps all)."),
+    min_lang_score: float = typer.Option(0.0, help="Minimum language score."),
+    lang_backend: str = typer.Option("py3langid", help="py3langid (fast) or langdetect."),
+    no_lexicon: bool = typer.Option(False, help="Disable the English-lexicon shortcut of language ID."),
+    dedup: str = typer.Option("url", help="url | url_caption | none."),
+    min_words: int = typer.Option(2), min_chars: int = typer.Option(5),
+    max_chars: int = typer.Option(1000), max_words: int = typer.Option(200),
+    batch_rows: int = typer.Option(20_000, help="Rows per batch (and per output file)."),
+    workers: int = typer.Option(1, help="DirectRunner workers (>1: multi_processing)."),
+    runner: str = typer.Option("DirectRunner", help="Beam runner; other options via --beam-arg."),
+    beam_arg: list[str] = typer.Option([], help="Extra Beam pipeline option, e.g. --beam-arg=--project=x."),
+    force: bool = typer.Option(False, help="Recompute even if a finished output with the same parameters exists."),
+):
+    """Match raw (url, caption) lists against a query list, filter, balance, and write candidates."""
+    from pipelines.curate import run_curate
+    from pipelines.curate_steps import CurateParams
+
+    if t is not None and target_size is not None:
+        _fail("give --t or --target-size, not both")
+    if dedup not in ("url", "url_caption", "none"):
+        _fail(f"--dedup must be url, url_caption or none, not {dedup!r}")
+    if lang_backend not in ("py3langid", "langdetect"):
+        _fail(f"--lang-backend must be py3langid or langdetect, not {lang_backend!r}")
+    params = CurateParams(min_words=min_words, min_chars=min_chars, max_chars=max_chars, max_words=max_words,
+                          dedup=dedup, langs=tuple(x for x in langs.split(",") if x), min_lang_score=min_lang_score,
+                          lang_backend=lang_backend, lexicon_shortcut=not no_lexicon,
+                          t=t if t is not None else (None if target_size else 20_000), target_size=target_size,
+                          balance=not no_balance, seed=seed, batch_rows=batch_rows)
+    stats = _run_user(run_curate, input, querylist, out, params, url_col=url_col, caption_col=caption_col,
+                      fmt=format, columns=columns.split(",") if columns else None, runner=runner, workers=workers,
+                      beam_args=beam_arg, force=force)
+    print_funnel(stats, out)
+
+
+def print_funnel(stats: dict, out: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"curation funnel ({'reused' if stats.get('reused') else 'computed'})")
+    table.add_column("step")
+    table.add_column("rows in", justify="right")
+    table.add_column("rows out", justify="right")
+    for step in stats["steps"]:
+        table.add_row(step["step"], f"{step['rows_in']:,}", f"{step['rows_out']:,}")
+    console.print(table)
+    reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(stats["rejected"].items(), key=lambda kv: -kv[1]))
+    console.print(f"input {stats['input_rows']:,} = kept {stats['kept']:,} + rejected "
+                  f"{sum(stats['rejected'].values()):,} ({reasons})")
+    console.print(f"t = {stats['balance']['t']:.1f}; entries matched {stats['balance']['entries_matched']:,}, "
+                  f"at or over t {stats['balance']['entries_at_or_over_t']:,}")
+    console.print(f"outputs: {out}/candidates/, {out}/rejected/, {out}/entry_counts.parquet, {out}/stats.json")
+
+
+def main() -> None:  # console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
