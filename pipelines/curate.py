@@ -2,9 +2,13 @@
 
 Graph (one composite PTransform per step, each wrapping the pure functions of ``curate_steps``)::
 
-    ReadRawPairs -> FilterRecords -> MatchEntries -> DedupPairs -> IdentifyLanguage ─┬─> CountEntries ─┐
-                                                                                      │  (SolveT)      │ side inputs
-                                                                                      └─> BalanceAndWrite <┘ -> stats
+    ReadRawPairs -> FilterRecords -> MatchEntries -> SpillMatched -> DedupPairs -> IdentifyLanguage ─┬─> CountEntries ─┐
+                                                                                                   │   (SolveT)     │
+                                                                                                   └─> BalanceAndWrite <┘
+
+Batches of ~20,000 rows are the pipeline elements. At the two barriers (the dedup shuffle and the global entry
+count) a batch waits as Parquet under ``OUT/_tmp/`` and only a small reference travels, so the runner's memory
+does not grow with the number of input rows.
 
 Outputs (local dir or s3://): ``candidates/part-*.parquet``, ``rejected/part-*.parquet``,
 ``entry_counts.parquet`` and ``stats.json``, written last: a directory without stats.json is unfinished and a
@@ -83,14 +87,18 @@ class FilterRecords(beam.PTransform):
 
 
 class _MatchFn(beam.DoFn):
-    def __init__(self, entries: tuple[str, ...]):
-        self.entries = entries
+    def __init__(self, querylist_uri: str, n_entries: int):
+        self.querylist_uri, self.n_entries = querylist_uri, n_entries
         self.matcher = None
 
     def setup(self):
         from pipelines.matching import EntryMatcher
 
-        self.matcher = EntryMatcher(self.entries)  # built once per worker
+        # Each worker reads the list itself: shipping 500,000 entries inside the pickled DoFn costs seconds.
+        entries = QL.load(self.querylist_uri).entries
+        if len(entries) != self.n_entries:
+            raise RuntimeError(f"{self.querylist_uri} changed while the pipeline ran")
+        self.matcher = EntryMatcher(entries)  # built once per worker
 
     def process(self, batch):
         yield S.match_batch(batch, self.matcher)
@@ -99,45 +107,84 @@ class _MatchFn(beam.DoFn):
 class MatchEntries(beam.PTransform):
     """MetaCLIP substring matching with one Aho-Corasick automaton per worker; no match -> rejected."""
 
-    def __init__(self, entries: tuple[str, ...]):
+    def __init__(self, querylist_uri: str, n_entries: int):
         super().__init__()
-        self.entries = entries
+        self.querylist_uri, self.n_entries = querylist_uri, n_entries
 
     def expand(self, batches):
-        return batches | "Match" >> beam.ParDo(_MatchFn(self.entries))
+        return batches | "Match" >> beam.ParDo(_MatchFn(self.querylist_uri, self.n_entries))
+
+
+def _spill(batch: S.PairBatch, tmp: str, step: str) -> S.BatchRef:
+    live, rejected = S.spill_tables(batch)
+    # Scratch files: written whole (rename) but not fsynced; a crash reruns the stage from the start anyway.
+    _write_parquet(storage.join(tmp, step, f"{batch.batch_id}.live.parquet"), live, durable=False)
+    _write_parquet(storage.join(tmp, step, f"{batch.batch_id}.rejected.parquet"), rejected, durable=False)
+    return S.BatchRef.of(batch)
+
+
+def _unspill(ref: S.BatchRef, tmp: str, step: str) -> S.PairBatch:
+    live = _read_parquet(storage.join(tmp, step, f"{ref.batch_id}.live.parquet"))
+    rejected = _read_parquet(storage.join(tmp, step, f"{ref.batch_id}.rejected.parquet"))
+    return S.unspill(ref, live, rejected)
+
+
+class _SpillFn(beam.DoFn):
+    """Park a matched batch on disk (the runner then holds only a small reference) and emit its dedup keys."""
+
+    def __init__(self, tmp: str, dedup: str):
+        self.tmp, self.dedup = tmp, dedup
+
+    def process(self, batch):
+        if self.dedup != "none":
+            for item in S.dedup_keys(batch, N_DEDUP_BUCKETS):
+                yield beam.pvalue.TaggedOutput("dedup_keys", item)
+        yield _spill(batch, self.tmp, "matched")
+
+
+class SpillMatched(beam.PTransform):
+    def __init__(self, tmp: str, dedup: str):
+        super().__init__()
+        self.tmp, self.dedup = tmp, dedup
+
+    def expand(self, batches):
+        return batches | "Spill" >> beam.ParDo(_SpillFn(self.tmp, self.dedup)).with_outputs("dedup_keys",
+                                                                                            main="refs")
 
 
 def _join_losers(element):
     _batch_id, grouped = element
-    (batch,) = grouped["batch"]
+    (ref,) = grouped["ref"]
     losers = [x for part in grouped["losers"] for x in part]
-    return S.apply_dedup(batch, losers)
+    return ref, losers
 
 
 class DedupPairs(beam.PTransform):
     """Exact dedup by URL (or URL + caption): URL hashes are shuffled by bucket, each bucket picks the earliest
-    row of every group, and the losers are joined back to their batch by batch id."""
+    row of every group, and the losers are joined back to their batch reference by batch id."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, dedup_keys):
         super().__init__()
-        self.mode = mode
+        self.mode, self.dedup_keys = mode, dedup_keys
 
-    def expand(self, batches):
+    def expand(self, refs):
         if self.mode == "none":
-            return batches
-        keyed = batches | "KeyByBatch" >> beam.Map(lambda b: (b.batch_id, b))
-        losers = (batches
-                  | "BucketKeys" >> beam.FlatMap(S.dedup_keys, N_DEDUP_BUCKETS)
+            return refs | "NoLosers" >> beam.Map(lambda ref: (ref, []))
+        keyed = refs | "KeyByBatch" >> beam.Map(lambda r: (r.batch_id, r))
+        losers = (self.dedup_keys
                   | "GroupBuckets" >> beam.GroupByKey()
-                  | "FindDuplicates" >> beam.FlatMap(lambda kv, mode: S.find_duplicates(kv[1], mode).items(), self.mode))
-        return ({"batch": keyed, "losers": losers}
+                  | "FindDuplicates" >> beam.FlatMap(lambda kv, mode: S.find_duplicates(kv[1], mode).items(),
+                                                     self.mode))
+        return ({"ref": keyed, "losers": losers}
                 | "Join" >> beam.CoGroupByKey()
-                | "Apply" >> beam.Map(_join_losers))
+                | "Pair" >> beam.Map(_join_losers))
 
 
 class _LanguageFn(beam.DoFn):
-    def __init__(self, params: S.CurateParams):
-        self.params = params
+    """Apply dedup losers, identify the language of the survivors, spill again; emit counts (and sample keys)."""
+
+    def __init__(self, params: S.CurateParams, tmp: str):
+        self.params, self.tmp = params, tmp
         self.identifier = None
 
     def setup(self):
@@ -146,19 +193,27 @@ class _LanguageFn(beam.DoFn):
         lexicon = EnglishLexicon.cached() if self.params.lexicon_shortcut else None
         self.identifier = LanguageIdentifier(make_backend(self.params.lang_backend, self.params.seed), lexicon)
 
-    def process(self, batch):
-        yield S.language_batch(batch, self.identifier, self.params)
+    def process(self, ref_losers):
+        ref, losers = ref_losers
+        batch = S.apply_dedup(_unspill(ref, self.tmp, "matched"), losers)
+        batch = S.language_batch(batch, self.identifier, self.params)
+        yield beam.pvalue.TaggedOutput("counts", S.partial_counts(batch))
+        if self.params.target_size is not None:
+            yield beam.pvalue.TaggedOutput("sample", S.sample_keys(batch, self.params.seed))
+            yield beam.pvalue.TaggedOutput("pool_size", len(batch))
+        yield _spill(batch, self.tmp, "live")
 
 
 class IdentifyLanguage(beam.PTransform):
     """Language ID only on rows still alive after matching and dedup (it is the costly step)."""
 
-    def __init__(self, params: S.CurateParams):
+    def __init__(self, params: S.CurateParams, tmp: str):
         super().__init__()
-        self.params = params
+        self.params, self.tmp = params, tmp
 
-    def expand(self, batches):
-        return batches | "Language" >> beam.ParDo(_LanguageFn(self.params))
+    def expand(self, refs_with_losers):
+        return refs_with_losers | "Language" >> beam.ParDo(_LanguageFn(self.params, self.tmp)).with_outputs(
+            "counts", "sample", "pool_size", main="refs")
 
 
 class _SumCounts(beam.CombineFn):
@@ -191,10 +246,8 @@ class CountEntries(beam.PTransform):
         super().__init__()
         self.n = n_entries
 
-    def expand(self, batches):
-        return (batches
-                | "Partial" >> beam.Map(S.partial_counts)
-                | "Sum" >> beam.CombineGlobally(_SumCounts(self.n)))
+    def expand(self, partial_counts):
+        return partial_counts | "Sum" >> beam.CombineGlobally(_SumCounts(self.n))
 
 
 class _BottomK(beam.CombineFn):
@@ -221,10 +274,11 @@ def _solve_t(sample, counts, target: int, pool_size: int) -> float:
 
 
 class _BalanceWriteFn(beam.DoFn):
-    def __init__(self, out: str, params: S.CurateParams):
-        self.out, self.params = out, params
+    def __init__(self, out: str, params: S.CurateParams, tmp: str):
+        self.out, self.params, self.tmp = out, params, tmp
 
-    def process(self, batch, counts, t):
+    def process(self, ref, counts, t):
+        batch = _unspill(ref, self.tmp, "live")
         candidates, rejected = S.balance_batch(batch, counts, t, self.params)
         name = f"part-{batch.batch_id}.parquet"
         _write_parquet(storage.join(self.out, "candidates", name), candidates)
@@ -235,20 +289,33 @@ class _BalanceWriteFn(beam.DoFn):
 class BalanceAndWrite(beam.PTransform):
     """keep_prob = 1 - prod(1 - p_e) from the global counts, the per-uid draw, and one Parquet per batch."""
 
-    def __init__(self, out: str, params: S.CurateParams, counts, t):
+    def __init__(self, out: str, params: S.CurateParams, tmp: str, counts, t):
         super().__init__()
-        self.out, self.params, self.counts, self.t = out, params, counts, t
+        self.out, self.params, self.tmp, self.counts, self.t = out, params, tmp, counts, t
 
-    def expand(self, batches):
-        return batches | "BalanceWrite" >> beam.ParDo(
-            _BalanceWriteFn(self.out, self.params),
+    def expand(self, refs):
+        return refs | "BalanceWrite" >> beam.ParDo(
+            _BalanceWriteFn(self.out, self.params, self.tmp),
             beam.pvalue.AsSingleton(self.counts), beam.pvalue.AsSingleton(self.t))
 
 
-def _write_parquet(uri: str, table: pa.Table) -> None:
+def _write_parquet(uri: str, table: pa.Table, durable: bool = True) -> None:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes_atomic(uri, sink.getvalue())
+    pq.write_table(table, sink, compression="zstd" if durable else "lz4")
+    if durable or storage.is_s3(uri):
+        storage.write_bytes_atomic(uri, sink.getvalue())
+        return
+    import os
+
+    os.makedirs(os.path.dirname(uri), exist_ok=True)
+    tmp = f"{uri}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(sink.getvalue())
+    os.replace(tmp, uri)
+
+
+def _read_parquet(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
 def _write_counts(counts: np.ndarray, out: str, t: float):
@@ -279,12 +346,19 @@ def read_stats(out: str) -> dict | None:
         return None
 
 
+def _remove_tree(prefix: str) -> None:
+    if storage.is_s3(prefix):
+        for uri in storage.list_prefix(prefix):
+            storage.delete(uri)
+    else:
+        import shutil
+
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
 def _clear_outputs(out: str) -> None:
     for sub in ("candidates", "rejected", "_tmp"):
-        prefix = storage.join(out, sub)
-        if storage.is_s3(prefix) or storage.exists(prefix):
-            for uri in storage.list_prefix(prefix):
-                storage.delete(uri)
+        _remove_tree(storage.join(out, sub))
     for name in ("entry_counts.parquet", "stats.json"):
         uri = storage.join(out, name)
         if storage.exists(uri):
@@ -311,21 +385,22 @@ def run_curate(inputs: list[str], querylist: str, out: str, params: S.CuratePara
         return previous
     _clear_outputs(out)
 
-    tmp_stats = storage.join(out, "_tmp", f"stats-{phash[:12]}.json")
+    tmp = storage.join(out, "_tmp", phash[:16])
+    tmp_stats = storage.join(tmp, "stats.json")
     options = make_options(runner=runner, workers=workers, extra=beam_args)
     with beam.Pipeline(options=options) as p:
         read = p | "ReadRawPairs" >> ReadRawPairs(files, params.batch_rows)
-        live = (read.batches
-                | "FilterRecords" >> FilterRecords(params)
-                | "MatchEntries" >> MatchEntries(qlist.entries)
-                | "DedupPairs" >> DedupPairs(params.dedup)
-                | "IdentifyLanguage" >> IdentifyLanguage(params))
-        counts = live | "CountEntries" >> CountEntries(len(qlist))
+        matched = (read.batches
+                   | "FilterRecords" >> FilterRecords(params)
+                   | "MatchEntries" >> MatchEntries(querylist, len(qlist))
+                   | "SpillMatched" >> SpillMatched(tmp, params.dedup))
+        live = (matched.refs
+                | "DedupPairs" >> DedupPairs(params.dedup, matched.dedup_keys)
+                | "IdentifyLanguage" >> IdentifyLanguage(params, tmp))
+        counts = live.counts | "CountEntries" >> CountEntries(len(qlist))
         if params.target_size is not None:
-            sample = (live
-                      | "SampleKeys" >> beam.Map(S.sample_keys, params.seed)
-                      | "BottomK" >> beam.CombineGlobally(_BottomK(SAMPLE_SIZE)))
-            pool_size = (live | "PoolSize" >> beam.Map(len) | "SumPool" >> beam.CombineGlobally(sum))
+            sample = live.sample | "BottomK" >> beam.CombineGlobally(_BottomK(SAMPLE_SIZE))
+            pool_size = live.pool_size | "SumPool" >> beam.CombineGlobally(sum)
             t = (counts
                  | "SolveT" >> beam.Map(lambda c, s, n, target: _solve_t(s, c, target, n),
                                         beam.pvalue.AsSingleton(sample), beam.pvalue.AsSingleton(pool_size),
@@ -334,7 +409,7 @@ def run_curate(inputs: list[str], querylist: str, out: str, params: S.CuratePara
             t = p | "FixedT" >> beam.Create([float(params.t)])
         balance_info = (counts
                         | "WriteCounts" >> beam.Map(_write_counts, out, beam.pvalue.AsSingleton(t)))
-        batch_stats = live | "BalanceAndWrite" >> BalanceAndWrite(out, params, counts, t)
+        batch_stats = live.refs | "BalanceAndWrite" >> BalanceAndWrite(out, params, tmp, counts, t)
         files_info = read.files | "ListFiles" >> beam.combiners.ToList()
         (batch_stats
          | "MergeStats" >> beam.combiners.ToList()
@@ -342,14 +417,7 @@ def run_curate(inputs: list[str], querylist: str, out: str, params: S.CuratePara
                                   beam.pvalue.AsSingleton(files_info)))
 
     stats = json.loads(storage.read_bytes(tmp_stats))
-    storage.delete(tmp_stats)
-    if not storage.is_s3(out):
-        import os
-
-        try:
-            os.rmdir(storage.join(out, "_tmp"))
-        except OSError:
-            pass
+    _remove_tree(storage.join(out, "_tmp"))
     stats.update({
         "stage": "curate",
         "version": STATS_VERSION,

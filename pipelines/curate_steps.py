@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from pipelines import filters as F
 from pipelines.balance import is_kept, keep_probability
@@ -96,6 +97,57 @@ class CurateParams:
         return F.CaptionFilterConfig(self.min_words, self.min_chars, self.max_chars, self.max_words)
 
 
+# ---------------------------------------------------------------------------------------------- spill
+
+_SPILL_SCHEMA = pa.schema([("order", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
+                           ("line", pa.int64()), ("uid", pa.string()), ("entry_ids", pa.list_(pa.int32())),
+                           ("lang", pa.string()), ("lang_score", pa.float32())])
+
+
+def spill_tables(batch: PairBatch) -> tuple[pa.Table, pa.Table]:
+    """A batch as two tables (live rows, rejected rows so far), so it can wait on disk at a pipeline barrier
+    instead of in the runner's memory."""
+    n = len(batch)
+    live = pa.table({
+        "order": pa.array(batch.order, pa.int64()), "url": pa.array(batch.urls, pa.string()),
+        "caption": pa.array(batch.captions, pa.string()), "line": pa.array(batch.lines, pa.int64()),
+        "uid": pa.array(batch.uids, pa.string()), "entry_ids": pa.array(batch.entry_ids or [[]] * n,
+                                                                          pa.list_(pa.int32())),
+        "lang": pa.array(batch.lang or [None] * n, pa.string()),
+        "lang_score": pa.array(batch.lang_score or [None] * n, pa.float32()),
+    }, schema=_SPILL_SCHEMA)
+    return live, rejected_table(batch.rejected, with_stage=False)
+
+
+def unspill(ref: "BatchRef", live: pa.Table, rejected: pa.Table) -> PairBatch:
+    batch = PairBatch(batch_id=ref.batch_id, uri=ref.uri, rows_read=ref.rows_read)
+    cols = live.to_pydict()
+    batch.order, batch.urls, batch.captions = cols["order"], cols["url"], cols["caption"]
+    batch.lines, batch.uids, batch.entry_ids = cols["line"], cols["uid"], cols["entry_ids"]
+    if any(x is not None for x in cols["lang"]):
+        batch.lang, batch.lang_score = cols["lang"], cols["lang_score"]
+    r = rejected.to_pydict()
+    batch.rejected = list(zip(r["uid"], r["url"], r["caption"], r["reason"], r["source"]))
+    batch.seconds.update(ref.seconds)
+    batch.lang_method.update(ref.lang_method)
+    return batch
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """What travels through the pipeline once a batch is spilled: its id, where it came from, small counters."""
+
+    batch_id: str
+    uri: str
+    rows_read: int
+    seconds: dict
+    lang_method: dict
+
+    @classmethod
+    def of(cls, batch: PairBatch) -> "BatchRef":
+        return cls(batch.batch_id, batch.uri, batch.rows_read, dict(batch.seconds), dict(batch.lang_method))
+
+
 # ---------------------------------------------------------------------------------------------- filter
 
 
@@ -142,13 +194,18 @@ def _h64(text: str, salt: bytes) -> int:
                           "little")
 
 
+def _xxh(text: str, seed: int) -> int:
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"), seed)
+
+
 def dedup_keys(batch: PairBatch, n_buckets: int) -> Iterable[tuple[int, tuple]]:
     """(bucket, (batch_id, order, url hash hi, url hash lo, caption hash)) arrays per URL-hash bucket."""
     if not len(batch):
         return []
-    hi = np.fromiter((_h64(u, b"url-hi") for u in batch.urls), np.uint64, len(batch))
-    lo = np.fromiter((_h64(u, b"url-lo") for u in batch.urls), np.uint64, len(batch))
-    cap = np.fromiter((_h64(c, b"cap") for c in batch.captions), np.uint64, len(batch))
+    # Two independent 64-bit hashes of the URL: a false duplicate needs both to collide (~2**-128).
+    hi = np.fromiter((_xxh(u, 1) for u in batch.urls), np.uint64, len(batch))
+    lo = np.fromiter((_xxh(u, 2) for u in batch.urls), np.uint64, len(batch))
+    cap = np.fromiter((_xxh(c, 3) for c in batch.captions), np.uint64, len(batch))
     order = np.asarray(batch.order, np.int64)
     bucket = (hi % np.uint64(n_buckets)).astype(np.int64)
     out = []
@@ -264,8 +321,12 @@ def balance_batch(batch: PairBatch, counts: np.ndarray, t: float, params: Curate
     return candidates, rejected
 
 
-def rejected_table(rows: list[tuple]) -> pa.Table:
+def rejected_table(rows: list[tuple], with_stage: bool = True) -> pa.Table:
     uid, url, caption, reason, source = (list(c) for c in zip(*rows)) if rows else ([], [], [], [], [])
+    if not with_stage:
+        return pa.table({"uid": pa.array(uid, pa.string()), "url": pa.array(url, pa.string()),
+                         "caption": pa.array(caption, pa.string()), "reason": pa.array(reason, pa.string()),
+                         "source": pa.array(source, pa.string())})
     table = pa.table({
         "uid": pa.array(uid, pa.string()),
         "url": pa.array(url, pa.string()),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import unicodedata
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -28,6 +29,11 @@ DUPLICATE_URL_CAPTION = "duplicate_url_caption"
 WRONG_LANGUAGE = "wrong_language"
 LOW_LANG_SCORE = "low_lang_score"
 NOT_SAMPLED = "not_sampled"
+
+
+_HOST_LABELS = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?")
+_SPACE = re.compile(r"\s")
+_LETTER = re.compile(r"[^\W\d_]")
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ def check_caption(caption, cfg: CaptionFilterConfig) -> str | None:
         return EMPTY_CAPTION
     if "\ufffd" in caption or (not caption.isprintable() and any(_bad_char(ch) for ch in caption)):
         return INVALID_TEXT
-    if not any(ch.isalpha() for ch in stripped):
+    if _LETTER.search(stripped) is None:
         return INVALID_TEXT
     if len(stripped) < cfg.min_chars:
         return TOO_FEW_CHARS
@@ -84,7 +90,7 @@ def check_url(url) -> str | None:
         return BAD_URL_HOST
     if parts.scheme.lower() not in ("http", "https"):
         return BAD_URL_SCHEME
-    if not host or any(ch.isspace() for ch in url):
+    if not host or _SPACE.search(url):
         return BAD_URL_HOST
     if host.startswith("[") or ":" in host:
         try:
@@ -92,9 +98,12 @@ def check_url(url) -> str | None:
         except ValueError:
             return BAD_URL_HOST
         return None
-    labels = host.rstrip(".").split(".")
-    if any(not label or len(label) > 63 for label in labels) or len(host) > 253:
-        return BAD_URL_HOST
-    if any(not (ch.isalnum() or ch in "-_") for label in labels for ch in label):
+    if len(host) > 253 or (_HOST_LABELS.fullmatch(host) is None and not _idn_ok(host)):
         return BAD_URL_HOST
     return None
+
+
+def _idn_ok(host: str) -> bool:
+    """A non-ASCII host is fine when each label is letters/digits/hyphens (IDNA encodes it)."""
+    labels = host.rstrip(".").split(".")
+    return all(0 < len(label) <= 63 and all(ch.isalnum() or ch in "-_" for ch in label) for label in labels)

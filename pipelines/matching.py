@@ -27,38 +27,48 @@ class EntryMatcher:
             if entry is None or entry == "":
                 continue
             ids_by_needle.setdefault(spaced_entry(entry), []).append(entry_id)
+        # A needle's value is its entry id, or -(k + 1) pointing at self._shared[k] when several entries are the
+        # same string: plain ints keep the per-hit work to one set insertion.
         automaton = ahocorasick.Automaton()
+        self._shared: list[tuple[int, ...]] = []
         for needle, ids in ids_by_needle.items():
-            automaton.add_word(needle, tuple(ids))
+            if len(ids) == 1:
+                automaton.add_word(needle, ids[0])
+            else:
+                self._shared.append(tuple(ids))
+                automaton.add_word(needle, -len(self._shared))
         automaton.make_automaton()
         self._automaton = automaton
 
+    def _expand(self, found: set[int]) -> list[int]:
+        if min(found) < 0:
+            found = {i for v in found for i in ((v,) if v >= 0 else self._shared[-v - 1])}
+        return sorted(found)
+
     def match_normalized(self, spaced_text: str) -> list[int]:
         """Sorted unique entry ids found in an already normalised text."""
-        found: set[int] = set()
-        for _end, ids in self._automaton.iter(spaced_text):
-            found.update(ids)
-        return sorted(found)
+        found = {v for _end, v in self._automaton.iter(spaced_text)}
+        return self._expand(found) if found else []
 
     def match(self, text: str) -> list[int]:
         return self.match_normalized(normalize(text))
 
     def match_many(self, texts: Sequence[str]) -> list[list[int]]:
         it = self._automaton.iter
+        expand = self._expand
         out = []
         for text in texts:
-            found: set[int] = set()
-            for _end, ids in it(normalize(text)):
-                found.update(ids)
-            out.append(sorted(found))
+            found = {v for _end, v in it(normalize(text))}
+            out.append(expand(found) if found else [])
         return out
 
     # The automaton pickles natively; keep the default protocol explicit so Beam can ship a matcher to workers.
     def __getstate__(self):
-        return {"n_entries": self.n_entries, "automaton": pickle.dumps(self._automaton)}
+        return {"n_entries": self.n_entries, "shared": self._shared, "automaton": pickle.dumps(self._automaton)}
 
     def __setstate__(self, state):
         self.n_entries = state["n_entries"]
+        self._shared = state["shared"]
         self._automaton = pickle.loads(state["automaton"])
 
 
