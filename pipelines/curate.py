@@ -10,7 +10,7 @@ Batches of ~20,000 rows are the pipeline elements. At the two barriers (the dedu
 count) a batch waits as Parquet under ``OUT/_tmp/`` and only a small reference travels, so the runner's memory
 does not grow with the number of input rows.
 
-Outputs (local dir or s3://): ``candidates/part-*.parquet``, ``rejected/part-*.parquet``,
+Outputs (local dir or s3://): ``candidates/part-*.parquet``, ``rejected/curate-part-*.parquet``,
 ``entry_counts.parquet`` and ``stats.json``, written last: a directory without stats.json is unfinished and a
 rerun starts it again. Every file is written whole (temp + rename, or one S3 PUT). Names and contents depend only
 on the inputs and parameters, never on the runner or the number of workers.
@@ -43,6 +43,7 @@ from schemas.stage_stats import validate_stats
 
 log = logging.getLogger(__name__)
 N_DEDUP_BUCKETS = 64
+REJECTED_PREFIX = "curate-"
 SAMPLE_SIZE = 1_000_000  # rows used to size t for --target-size (exact when the pool is smaller)
 STATS_VERSION = 1
 
@@ -274,28 +275,29 @@ def _solve_t(sample, counts, target: int, pool_size: int) -> float:
 
 
 class _BalanceWriteFn(beam.DoFn):
-    def __init__(self, out: str, params: S.CurateParams, tmp: str):
-        self.out, self.params, self.tmp = out, params, tmp
+    def __init__(self, out: str, params: S.CurateParams, tmp: str, rejected_out: str):
+        self.out, self.params, self.tmp, self.rejected_out = out, params, tmp, rejected_out
 
     def process(self, ref, counts, t):
         batch = _unspill(ref, self.tmp, "live")
         candidates, rejected = S.balance_batch(batch, counts, t, self.params)
         name = f"part-{batch.batch_id}.parquet"
         _write_parquet(storage.join(self.out, "candidates", name), candidates)
-        _write_parquet(storage.join(self.out, "rejected", name), rejected)
+        _write_parquet(storage.join(self.rejected_out, f"{REJECTED_PREFIX}{name}"), rejected)
         yield S.batch_stats(batch, candidates.num_rows)
 
 
 class BalanceAndWrite(beam.PTransform):
     """keep_prob = 1 - prod(1 - p_e) from the global counts, the per-uid draw, and one Parquet per batch."""
 
-    def __init__(self, out: str, params: S.CurateParams, tmp: str, counts, t):
+    def __init__(self, out: str, params: S.CurateParams, tmp: str, counts, t, rejected_out: str):
         super().__init__()
         self.out, self.params, self.tmp, self.counts, self.t = out, params, tmp, counts, t
+        self.rejected_out = rejected_out
 
     def expand(self, refs):
         return refs | "BalanceWrite" >> beam.ParDo(
-            _BalanceWriteFn(self.out, self.params, self.tmp),
+            _BalanceWriteFn(self.out, self.params, self.tmp, self.rejected_out),
             beam.pvalue.AsSingleton(self.counts), beam.pvalue.AsSingleton(self.t))
 
 
@@ -356,9 +358,13 @@ def _remove_tree(prefix: str) -> None:
         shutil.rmtree(prefix, ignore_errors=True)
 
 
-def _clear_outputs(out: str) -> None:
-    for sub in ("candidates", "rejected", "_tmp"):
+def _clear_outputs(out: str, rejected_out: str) -> None:
+    for sub in ("candidates", "_tmp"):
         _remove_tree(storage.join(out, sub))
+    if storage.is_s3(rejected_out) or storage.exists(rejected_out):
+        for uri in storage.list_prefix(rejected_out):
+            if storage.basename(uri).startswith(REJECTED_PREFIX):
+                storage.delete(uri)
     for name in ("entry_counts.parquet", "stats.json"):
         uri = storage.join(out, name)
         if storage.exists(uri):
@@ -368,8 +374,13 @@ def _clear_outputs(out: str) -> None:
 def run_curate(inputs: list[str], querylist: str, out: str, params: S.CurateParams | None = None, *,
                url_col: str = "url", caption_col: str = "caption", fmt: str | None = None,
                columns: list[str] | None = None, runner: str = "DirectRunner", workers: int = 1,
-               beam_args: list[str] | None = None, force: bool = False) -> dict:
-    """Run curation and return its stats. A finished output with the same parameters is reused."""
+               beam_args: list[str] | None = None, force: bool = False, rejected_out: str | None = None) -> dict:
+    """Run curation and return its stats. A finished output with the same parameters is reused.
+
+    Rejected rows go to ``rejected_out`` (default ``out/rejected``) as ``curate-part-*.parquet``; a dataset build
+    points it at the build's shared ``rejected/`` directory.
+    """
+    rejected_out = rejected_out or storage.join(out, "rejected")
     params = params or S.CurateParams()
     if params.target_size is not None:
         params = replace(params, t=None)
@@ -378,12 +389,12 @@ def run_curate(inputs: list[str], querylist: str, out: str, params: S.CuratePara
     started = time.time()
     files = resolve_inputs(inputs, url_col=url_col, caption_col=caption_col, fmt=fmt, columns=columns)
     qlist = QL.load(querylist)
-    phash = params_hash(params, files, qlist.content_hash)
+    phash = params_hash(params, files, qlist.content_hash + rejected_out)
     previous = read_stats(out)
     if previous and previous.get("params_hash") == phash and not force:
         previous["reused"] = True
         return previous
-    _clear_outputs(out)
+    _clear_outputs(out, rejected_out)
 
     tmp = storage.join(out, "_tmp", phash[:16])
     tmp_stats = storage.join(tmp, "stats.json")
@@ -409,7 +420,7 @@ def run_curate(inputs: list[str], querylist: str, out: str, params: S.CuratePara
             t = p | "FixedT" >> beam.Create([float(params.t)])
         balance_info = (counts
                         | "WriteCounts" >> beam.Map(_write_counts, out, beam.pvalue.AsSingleton(t)))
-        batch_stats = live.refs | "BalanceAndWrite" >> BalanceAndWrite(out, params, tmp, counts, t)
+        batch_stats = live.refs | "BalanceAndWrite" >> BalanceAndWrite(out, params, tmp, counts, t, rejected_out)
         files_info = read.files | "ListFiles" >> beam.combiners.ToList()
         (batch_stats
          | "MergeStats" >> beam.combiners.ToList()
