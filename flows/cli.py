@@ -17,6 +17,8 @@ import typer
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 
 
 class _DropNoise(logging.Filter):
@@ -225,6 +227,145 @@ def print_funnel(stats: dict, out: str) -> None:
     console.print(f"t = {stats['balance']['t']:.1f}; entries matched {stats['balance']['entries_matched']:,}, "
                   f"at or over t {stats['balance']['entries_at_or_over_t']:,}")
     console.print(f"outputs: {out}/candidates/, {out}/rejected/, {out}/entry_counts.parquet, {out}/stats.json")
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+@app.command()
+def build(
+    input: list[str] = typer.Option(..., "--input", "-i", help="Raw URL list(s): Parquet/CSV/TSV/JSONL, local or s3://."),
+    querylist: str = typer.Option(..., "--querylist", "-q", help="Query list (Parquet or text)."),
+    out: str = typer.Option(..., "--out", "-o", help="Build directory (local or s3://bucket/prefix)."),
+    allow_cidr: list[str] = typer.Option([], help="Address range the crawler may reach although private, e.g. "
+                                                  "127.0.0.1/32 for a local server (repeatable)."),
+    eval_set: list[str] = typer.Option([], help="Evaluation set to decontaminate against, e.g. cifar10:PATH, "
+                                                "digits, folder:PATH, wds:GLOB, synth:PATH (repeatable)."),
+    t: Optional[float] = typer.Option(None, "--t", help="Balancing threshold t (default 20000)."),
+    target_size: Optional[int] = typer.Option(None, help="Find t so the expected kept count is this."),
+    samples_per_shard: int = typer.Option(1000, help="Samples per output shard."),
+    seed: int = typer.Option(0, help="Seed of every draw and of the shard order."),
+    url_col: str = typer.Option("url"), caption_col: str = typer.Option("caption"),
+    columns: Optional[str] = typer.Option(None, help="Names of header-less CSV/TSV columns, comma-separated."),
+    langs: str = typer.Option("en", help="Languages to keep ('' keeps all)."),
+    image_size: int = typer.Option(256, help="Longest side of the stored images."),
+    processes: int = typer.Option(1, help="img2dataset processes."),
+    threads: int = typer.Option(16, help="img2dataset download threads per process."),
+    timeout: float = typer.Option(10.0, help="Seconds per socket operation of a download."),
+    config: Optional[Path] = typer.Option(None, help="YAML with BuildConfig fields (flags override it)."),
+):
+    """Build a dataset: curate -> crawl -> image checks -> decontaminate -> rebalance -> shard (a Prefect flow)."""
+    from flows.build import BuildConfig, build_dataset, load_build_config
+    from pipelines.curate_steps import CurateParams
+
+    if t is not None and target_size is not None:
+        _fail("give --t or --target-size, not both")
+    base = load_build_config(config) if config else {}
+    curate_params = dict(base.pop("curate", {}) or {})
+    curate_params.setdefault("langs", tuple(x for x in langs.split(",") if x))
+    curate_params["langs"] = tuple(curate_params["langs"])
+    curate_params.setdefault("seed", seed)
+    if t is not None:
+        curate_params["t"] = t
+    crawl = {"image_size": image_size, "processes": processes, "thread_count": threads, "timeout": timeout,
+             **(base.pop("crawl", {}) or {})}
+    if allow_cidr:
+        crawl["allow_cidrs"] = tuple(allow_cidr)
+    cfg = BuildConfig(inputs=input, querylist=querylist, out=out, url_col=url_col, caption_col=caption_col,
+                      columns=columns.split(",") if columns else None, curate=CurateParams(**curate_params),
+                      crawl=crawl, eval_sets=list(eval_set) or base.pop("eval_sets", []), t=t,
+                      target_size=target_size, samples_per_shard=samples_per_shard, seed=seed,
+                      **{k: v for k, v in base.items() if k in ("images", "decontam", "recrawl_failures", "beam_args")})
+    _preflight(cfg)
+    summary = _run_user(build_dataset, cfg)
+    print_build_summary(summary)
+
+
+def _preflight(cfg) -> None:
+    """Catch user mistakes before a flow run starts (inputs, query list, eval-set specs, crawl settings)."""
+    from pipelines import querylist as QL
+    from pipelines.readers import resolve_inputs
+
+    _run_user(resolve_inputs, cfg.inputs, url_col=cfg.url_col, caption_col=cfg.caption_col, columns=cfg.columns)
+    _run_user(QL.load, cfg.querylist)
+    if cfg.eval_sets:
+        from pipelines.evalsets import parse_spec
+
+        for spec in cfg.eval_sets:
+            _run_user(parse_spec, spec)
+    from pipelines.crawl import CrawlConfig
+
+    try:
+        CrawlConfig(**cfg.crawl)
+    except (TypeError, ValueError) as exc:
+        _fail(f"crawl settings: {exc}")
+
+
+def print_build_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    funnel = summary["funnel"]
+    table = Table(title="build funnel")
+    for col in ("stage", "rows in", "rows out"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, io_ in funnel["stages"].items():
+        table.add_row(stage, f"{io_['in']:,}", f"{io_['out']:,}")
+    console.print(table)
+    by_reason = sorted(funnel["rejected"].items(), key=lambda kv: -kv[1])
+    console.print("rejected: " + ", ".join(f"{k} {v:,}" for k, v in by_reason))
+    console.print(f"input rows {funnel['input_rows']:,} = {funnel['kept']:,} in shards + "
+                  f"{sum(funnel['rejected'].values()):,} rejected")
+    root = summary["shards_dir"].rsplit("/", 1)[0]
+    console.print(f"{summary['n_shards']} shard(s) in {summary['shards_dir']}/; manifest {summary['manifest']}; "
+                  f"rejected rows in {root}/rejected/")
+
+
+# ---------------------------------------------------------------------------------------------- synthweb & demo
+
+
+@app.command()
+def synthweb(out: Path = typer.Option(..., "--out", help="Directory of the synthetic web."),
+             n_pairs: int = typer.Option(2000, help="Image-text pairs to generate."),
+             seed: int = typer.Option(0), serve: bool = typer.Option(False, help="Serve it on 127.0.0.1 until Ctrl-C."),
+             port: int = typer.Option(8000, help="Port for --serve.")):
+    """Generate the synthetic web (drawn images, multilingual captions, failure modes, held-out split)."""
+    from pipelines.synthweb import SynthWebServer, synthweb_main
+
+    paths = synthweb_main(out, n_pairs=n_pairs, seed=seed)
+    for k, v in paths.items():
+        typer.echo(f"{k:>14}: {v}")
+    if serve:
+        import time
+
+        with SynthWebServer(out, port=port) as web:
+            web.materialise_url_list()
+            typer.echo(f"serving on {web.base_url} (URL list rewritten to it); Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the demo writes everything."),
+         n_pairs: int = typer.Option(3000, help="Pairs in the synthetic web."),
+         t: float = typer.Option(150, "--t", help="Balancing threshold (small web, small t)."),
+         samples_per_shard: int = typer.Option(500), seed: int = typer.Option(0)):
+    """Build a dataset from the synthetic web end to end and print a summary."""
+    from flows.build import build_dataset
+    from flows.demo import demo_build_config, prepare_web
+    from pipelines.synthweb import SynthWebServer
+
+    out.mkdir(parents=True, exist_ok=True)
+    web = prepare_web(out, n_pairs, seed)
+    with SynthWebServer(web["root"]) as server:
+        server.materialise_url_list()
+        cfg = demo_build_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed)
+        summary = build_dataset(cfg)
+    print_build_summary(summary)
 
 
 def main() -> None:  # console entry

@@ -54,7 +54,10 @@ class _CSR:
     def __init__(self, entry_lists: Sequence[Sequence[int]], counts):
         lengths = np.fromiter((len(ids) for ids in entry_lists), np.int64, len(entry_lists))
         flat = np.fromiter((e for ids in entry_lists for e in ids), np.int64, int(lengths.sum()))
-        self.counts = np.asarray(counts, np.float64)[flat] if len(flat) else np.zeros(0)
+        if isinstance(counts, Mapping):
+            self.counts = np.fromiter((counts[int(e)] for e in flat), np.float64, len(flat))
+        else:
+            self.counts = np.asarray(counts, np.float64)[flat] if len(flat) else np.zeros(0)
         self.nonempty = lengths > 0
         self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[self.nonempty]
 

@@ -36,3 +36,33 @@ class _DropNoise(logging.Filter):
 
 
 logging.getLogger().addFilter(_DropNoise())
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """Prefect's real temporary server (started once per test session: it takes ~10-20 s)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield os.environ.get("PREFECT_API_URL")
+
+
+@pytest.fixture(scope="session")
+def synth_web_small(tmp_path_factory):
+    """A small synthetic web served on 127.0.0.1 for the whole session, with a query list for it."""
+    import pyarrow.parquet as pq
+
+    from pipelines import querylist as QL
+    from pipelines.synthweb import SynthWebServer, generate_web
+
+    root = tmp_path_factory.mktemp("synthweb")
+    paths = generate_web(root / "web", n_pairs=260, seed=3)
+    with SynthWebServer(root / "web") as server:
+        server.materialise_url_list()
+        captions = pq.read_table(paths["pairs_parquet"], columns=["caption"]).column("caption").to_pylist()
+        qlist = QL.from_sources([("wordfreq", QL.wordfreq_unigrams(20_000)),
+                                 ("bigram_pmi", QL.pmi_bigrams([c for c in captions if c], min_count=3))])
+        QL.save(qlist, str(root / "ql.parquet"))
+        yield {"root": root / "web", "pairs": paths["pairs_parquet"], "querylist": root / "ql.parquet",
+               "server": server}

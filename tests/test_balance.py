@@ -62,6 +62,8 @@ def test_solve_t_hits_target():
     t = B.solve_t(pairs, counts, 5000)
     assert B.expected_kept(pairs, counts, t) == pytest.approx(5000, rel=1e-3)
     assert B.solve_t(pairs, counts, 10**9) == counts.max() + 1  # keep everything
+    as_dict = {i: int(c) for i, c in enumerate(counts) if c}
+    assert B.solve_t(pairs, as_dict, 5000) == t  # a Mapping of counts works too
 
 
 def test_solve_t_from_sample_close_to_exact():

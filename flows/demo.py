@@ -1,0 +1,37 @@
+"""The demo: a synthetic web on 127.0.0.1 -> query list -> ``build_dataset`` (and, when asked, the end-to-end run).
+
+Everything runs offline on the embedded default (a temporary local Prefect server), with CPU-sized settings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def prepare_web(out: Path, n_pairs: int, seed: int) -> dict:
+    """Generate the synthetic web and a query list for it (English unigrams + PMI bigrams of its captions)."""
+    from pipelines import querylist as QL
+    from pipelines.synthweb import generate_web
+
+    paths = generate_web(out / "web", n_pairs=n_pairs, seed=seed)
+    ql_path = out / "querylist.parquet"
+    if not ql_path.exists():
+        captions = pq.read_table(paths["pairs_parquet"], columns=["caption"]).column("caption").to_pylist()
+        qlist = QL.from_sources([("wordfreq", QL.wordfreq_unigrams(30_000)),
+                                 ("bigram_pmi", QL.pmi_bigrams([c for c in captions if c], min_count=3))])
+        QL.save(qlist, str(ql_path))
+    return {**{k: str(v) for k, v in paths.items()}, "querylist": str(ql_path)}
+
+
+def demo_build_config(out: Path, web: dict, *, t: float, samples_per_shard: int, seed: int):
+    from flows.build import BuildConfig
+    from pipelines.curate_steps import CurateParams
+
+    return BuildConfig(
+        inputs=[web["pairs_parquet"]], querylist=web["querylist"], out=str(out / "build"),
+        curate=CurateParams(t=t, seed=seed),
+        crawl={"allow_cidrs": ("127.0.0.1/32",), "timeout": 2.0, "max_download_seconds": 5.0, "retries": 0,
+               "thread_count": 16, "processes": 1, "image_size": 128, "number_sample_per_shard": 2000},
+        images={"min_side": 24},
+        eval_sets=[f"synth:{web['root']}"], samples_per_shard=samples_per_shard, seed=seed)

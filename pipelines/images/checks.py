@@ -1,0 +1,85 @@
+"""Pure image checks: decode, minimum size and aspect ratio, each returning a reject reason; plus exact hashes.
+
+Compute, then decide: :func:`inspect_image` decodes once (truncated or corrupt bytes fail here) and returns the
+measurements; :func:`check_size` and
+:func:`check_aspect` decide from those numbers alone, so tuning a threshold never decodes again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from pipelines.decontam.hashing import PHASH_SIZE
+
+# Reject reasons of the images stage (stable strings: they are counted in the manifest funnel).
+DECODE_ERROR = "decode_error"
+TOO_LARGE = "too_many_pixels"
+TOO_SMALL = "too_small"
+BAD_ASPECT = "aspect_ratio"
+EXACT_DUP = "exact_duplicate"
+NEAR_DUP = "near_duplicate"
+MISSING_IMAGE = "missing_image"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What one decode tells: size, format, and the decoded (possibly reduced) image for hashing."""
+
+    width: int
+    height: int
+    format: str | None
+    image: Image.Image | None  # None when the decode failed
+    error: str | None = None  # the reason when it failed
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def inspect_image(data: bytes, *, max_pixels: int = 64_000_000, reduced: bool = False,
+                  hash_side: int = PHASH_SIZE) -> ImageInfo:
+    """Decode ``data`` fully and report its size, or the failure reason.
+
+    The header's size is checked against ``max_pixels`` before any pixel is decoded (decompression bombs).
+    ``reduced`` decodes a JPEG at the smallest DCT scale >= ``hash_side`` px, greyscale (``Image.draft``): about
+    2x faster to decode and still a full integrity check (every entropy-coded block is read), but pHash then
+    differs from imagehash's in a few bits on many images (docs/benchmarks_images.md), so it is off by default.
+    """
+    if not data:
+        return ImageInfo(0, 0, None, None, DECODE_ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                return ImageInfo(width, height, img.format, None, TOO_LARGE)
+            fmt = img.format
+            if reduced and fmt == "JPEG":
+                img.draft("L", (hash_side, hash_side))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return ImageInfo(0, 0, None, None, TOO_LARGE)
+    except Exception:  # noqa: BLE001 - any decoder failure is a bad record, not a crash
+        return ImageInfo(0, 0, None, None, DECODE_ERROR)
+    if width <= 0 or height <= 0:
+        return ImageInfo(width, height, fmt, None, DECODE_ERROR)
+    return ImageInfo(width, height, fmt, img)
+
+
+def check_size(width: int, height: int, min_side: int) -> tuple[bool, str | None]:
+    """Keep when the shorter side is at least ``min_side`` pixels."""
+    if min(width, height) < min_side:
+        return False, TOO_SMALL
+    return True, None
+
+
+def check_aspect(width: int, height: int, max_aspect: float) -> tuple[bool, str | None]:
+    """Keep when long side / short side is at most ``max_aspect``."""
+    if max(width, height) > max_aspect * min(width, height):
+        return False, BAD_ASPECT
+    return True, None

@@ -1,0 +1,107 @@
+"""Read img2dataset's webdataset output (``NNNNN.tar`` + ``NNNNN.parquet``) into one record per crawled row.
+
+Every row of a shard's Parquet comes out exactly once: successful downloads with their image bytes and where the
+bytes live in the tar (``crawl_tar``, ``jpg_offset``, ``jpg_size``, so the resharder can read them back by range),
+failed downloads with img2dataset's ``status`` / ``error_message``. A success row whose image is missing from the
+tar comes out with ``image`` = None so the checks reject it with a reason instead of losing it.
+"""
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+
+import pyarrow.parquet as pq
+
+from pipelines import storage
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Columns img2dataset writes that a record carries on (plus whatever extra columns the crawl kept).
+_CARRIED = ("uid", "key", "url", "caption", "entry_ids", "status", "error_message", "width", "height",
+            "original_width", "original_height")
+
+
+class CrawlFormatError(ValueError):
+    """The crawl directory does not hold img2dataset webdataset output as expected."""
+
+
+def crawl_shards(crawl_dir: str) -> list[tuple[str, str]]:
+    """(parquet, tar) URI pairs of a crawl directory, in round then shard order.
+
+    A crawl made by ``pipelines.crawl`` has rounds (round 0 in CRAWL/, re-crawls of failures in
+    CRAWL/recrawl-NNN/); every finished shard of every round is listed. A plain img2dataset output directory
+    (no rounds) lists its NNNNN.parquet files; a Parquet without its tar is still listed.
+    """
+    if not storage.is_s3(crawl_dir):
+        from pipelines.crawl.crawl import META_DIR, crawl_shard_files
+
+        if storage.exists(storage.join(crawl_dir, META_DIR)):
+            found = [(str(pq_path), str(tar_path)) for _r, pq_path, tar_path in crawl_shard_files(crawl_dir)]
+            if found:
+                return found
+    parquets = [u for u in storage.expand([storage.join(crawl_dir, "*.parquet")], missing_ok=True)
+                if storage.basename(u)[:-len(".parquet")].isdigit()]
+    if not parquets:
+        raise CrawlFormatError(f"{crawl_dir}: no img2dataset shard (NNNNN.parquet) found")
+    return [(p, p[: -len(".parquet")] + ".tar") for p in parquets]
+
+
+def final_outcomes(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """uid -> the crawl Parquet holding its final outcome: the first success over the rounds, else the latest
+    failure (a uid re-crawled after a failure appears in several rounds and must count once)."""
+    winner: dict[str, tuple[str, bool]] = {}
+    for parquet_uri, _tar in pairs:
+        with storage.open_read(parquet_uri) as f:
+            table = pq.read_table(f, columns=["uid", "status"])
+        for uid, status in zip(table.column("uid").to_pylist(), table.column("status").to_pylist()):
+            prev = winner.get(uid)
+            if prev is None or not prev[1]:
+                winner[uid] = (parquet_uri, status == "success")
+    return {uid: uri for uid, (uri, _ok) in winner.items()}
+
+
+def _read_rows(parquet_uri: str) -> list[dict]:
+    with storage.open_read(parquet_uri) as f:
+        table = pq.read_table(f)
+    missing = [c for c in ("key", "status", "url") if c not in table.column_names]
+    if missing:
+        raise CrawlFormatError(f"{parquet_uri}: missing column(s) {missing}; expected img2dataset's output")
+    if "uid" not in table.column_names:
+        raise CrawlFormatError(f"{parquet_uri}: no 'uid' column; the crawl must carry uid as an extra column")
+    return table.to_pylist()
+
+
+def _tar_images(tar_uri: str) -> dict[str, tuple[bytes, int, int]]:
+    """key -> (image bytes, data offset, size) of a tar's image members (streamed, one pass)."""
+    out: dict[str, tuple[bytes, int, int]] = {}
+    if not storage.exists(tar_uri):
+        return out
+    with storage.open_read(tar_uri) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition(".")
+            if ext.lower() in IMAGE_EXTS:
+                data = tar.extractfile(member).read()
+                out[key] = (data, member.offset_data, member.size)
+    return out
+
+
+def read_crawl_shard(pair: tuple[str, str], outcomes: dict[str, str] | None = None) -> Iterator[dict]:
+    """Records of one crawl shard, in its Parquet's row order; with ``outcomes`` (see :func:`final_outcomes`)
+    only the rows whose final outcome is in this shard."""
+    parquet_uri, tar_uri = pair
+    rows = _read_rows(parquet_uri)
+    if outcomes is not None:
+        rows = [r for r in rows if outcomes.get(r["uid"]) == parquet_uri]
+    images = _tar_images(tar_uri) if any(r.get("status") == "success" for r in rows) else {}
+    for row in rows:
+        rec = {c: row.get(c) for c in _CARRIED}
+        rec["entry_ids"] = sorted(int(e) for e in (row.get("entry_ids") or []))
+        rec["source"] = parquet_uri
+        rec["crawl_tar"] = tar_uri
+        found = images.get(row["key"]) if row.get("status") == "success" else None
+        if found is None:
+            rec["image"], rec["jpg_offset"], rec["jpg_size"] = None, None, None
+        else:
+            rec["image"], rec["jpg_offset"], rec["jpg_size"] = found
+        yield rec

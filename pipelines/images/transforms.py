@@ -1,0 +1,221 @@
+"""Beam composite transforms of the images stage: read the crawl, check images, exact and near dedup, rebalance.
+
+Each transform wraps pure functions (``checks``, ``near_dedup``, ``pipelines.balance``, the batched hashes of
+``pipelines.decontam.hashing``). Records are dicts shaped like ``schemas.sample`` rows (plus ``image`` bytes until
+the checks drop them). Transforms that reject return a tagged result with ``ok`` and ``rejected`` outputs, and a
+rejected row always carries ``stage`` and ``reason``, so the funnel adds up.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam import pvalue
+
+from pipelines import balance
+from pipelines.decontam.hashing import dhash64_batch, phash64_batch
+from pipelines.images import checks, near_dedup
+from pipelines.images.crawl_reader import crawl_shards, final_outcomes, read_crawl_shard
+
+OK, REJECTED = "ok", "rejected"
+
+
+def _reject(rec: dict, stage: str, reason: str, *, status: str = "rejected", duplicate_of: str | None = None) -> dict:
+    out = {k: v for k, v in rec.items() if k != "image"}
+    out.update(status=status, stage=stage, reason=reason, duplicate_of=duplicate_of)
+    return out
+
+
+class ReadCrawl(beam.PTransform):
+    """img2dataset webdataset output (``CRAWL/NNNNN.tar`` + ``.parquet``) -> one record per crawled row."""
+
+    def __init__(self, crawl_dir: str):
+        super().__init__()
+        self.crawl_dir = crawl_dir
+
+    def expand(self, pbegin):
+        pairs = crawl_shards(self.crawl_dir)  # listed at construction time: a missing crawl fails fast
+        outcomes = final_outcomes(pairs) if len(pairs) > 1 else None  # re-crawl rounds: one record per uid
+        return (pbegin
+                | "CrawlShards" >> beam.Create(pairs)
+                | "SpreadShards" >> beam.Reshuffle()
+                | "ReadShard" >> beam.FlatMap(read_crawl_shard, outcomes))
+
+
+class _CheckBatch(beam.DoFn):
+    def __init__(self, min_side: int, max_aspect: float, max_pixels: int, reduced_decode: bool):
+        self.min_side, self.max_aspect, self.max_pixels = min_side, max_aspect, max_pixels
+        self.reduced_decode = reduced_decode
+
+    def process(self, batch: Sequence[dict]):
+        good, images = [], []
+        for rec in batch:
+            if rec.get("status") != "success":
+                # One vocabulary of crawl reasons (pipelines.crawl.reasons), not img2dataset's free text.
+                from pipelines.crawl.reasons import normalise_reason
+
+                reason = normalise_reason(rec.get("error_message") or rec.get("status"))
+                yield pvalue.TaggedOutput(REJECTED, _reject(rec, "crawl", reason[:300], status="failed"))
+                continue
+            if rec.get("image") is None:
+                yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", checks.MISSING_IMAGE))
+                continue
+            info = checks.inspect_image(rec["image"], max_pixels=self.max_pixels, reduced=self.reduced_decode)
+            if info.error:
+                yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", info.error))
+                continue
+            # Size and shape are judged on the image as published (img2dataset may have resized or padded it).
+            w = rec.get("original_width") or info.width
+            h = rec.get("original_height") or info.height
+            for ok, reason in (checks.check_size(w, h, self.min_side), checks.check_aspect(w, h, self.max_aspect)):
+                if not ok:
+                    yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", reason))
+                    break
+            else:
+                row = {k: v for k, v in rec.items() if k != "image"}
+                row.update(sha256=checks.sha256_hex(rec["image"]), width=info.width, height=info.height,
+                           original_width=w, original_height=h, status="ok", stage=None, reason=None,
+                           duplicate_of=None)
+                good.append(row)
+                images.append(info.image)
+        if good:
+            for row, ph, dh in zip(good, phash64_batch(images), dhash64_batch(images)):
+                row["phash"], row["dhash"] = int(ph), int(dh)
+                yield row
+
+
+class CheckImages(beam.PTransform):
+    """Crawl failures, decode errors, too small, bad aspect -> ``rejected``; the rest get sha256/pHash/dHash.
+
+    Hashes are computed per batch (one DCT for the batch); with the default full decode they equal imagehash's.
+    """
+
+    def __init__(self, min_side: int = 32, max_aspect: float = 3.0, max_pixels: int = 64_000_000,
+                 batch_size: int = 256, reduced_decode: bool = False):
+        super().__init__()
+        self.min_side, self.max_aspect, self.max_pixels, self.batch_size = min_side, max_aspect, max_pixels, batch_size
+        self.reduced_decode = reduced_decode
+
+    def expand(self, records):
+        return (records
+                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+                | "Check" >> beam.ParDo(_CheckBatch(self.min_side, self.max_aspect, self.max_pixels, self.reduced_decode))
+                .with_outputs(REJECTED, main=OK))
+
+
+def _keep_smallest_uid(item):
+    _sha, rows = item
+    rows = sorted(rows, key=lambda r: r["uid"])
+    yield rows[0]
+    for r in rows[1:]:
+        yield pvalue.TaggedOutput(REJECTED, _reject(r, "dedup", checks.EXACT_DUP, duplicate_of=rows[0]["uid"]))
+
+
+class ExactDedup(beam.PTransform):
+    """Rows with the same image sha256: keep the smallest uid, reject the others as ``exact_duplicate``."""
+
+    def expand(self, rows):
+        return (rows
+                | "BySha" >> beam.Map(lambda r: (r["sha256"], r))
+                | "GroupSha" >> beam.GroupByKey()
+                | "KeepSmallest" >> beam.FlatMap(_keep_smallest_uid).with_outputs(REJECTED, main=OK))
+
+
+def _apply_roots(item):
+    _uid, grouped = item
+    rows, roots = list(grouped["row"]), list(grouped["root"])
+    for row in rows:
+        if roots:
+            yield pvalue.TaggedOutput(REJECTED, _reject(row, "dedup", checks.NEAR_DUP, duplicate_of=roots[0]))
+        else:
+            yield row
+
+
+class NearDedup(beam.PTransform):
+    """pHash within ``radius`` bits: each connected component keeps its smallest uid; never all-pairs.
+
+    Candidate pairs come from multi-index hashing buckets (``radius + 1`` blocks, pigeonhole) and are verified by
+    their real distance. ``radius`` < 0 switches near dedup off.
+    """
+
+    def __init__(self, radius: int = 4):
+        super().__init__()
+        self.radius = radius
+
+    def expand(self, rows):
+        r = self.radius
+        if r < 0:
+            return rows | "NoNearDedup" >> beam.FlatMap(lambda x: [x]).with_outputs(REJECTED, main=OK)
+        edges = (rows
+                 | "Blocks" >> beam.FlatMap(lambda x: [(b, (x["uid"], x["phash"])) for b in near_dedup.blocks(x["phash"], r)])
+                 | "GroupBlocks" >> beam.GroupByKey()
+                 | "VerifyPairs" >> beam.FlatMap(lambda kv: near_dedup.bucket_pairs(kv[0][0], list(kv[1]), r)))
+        roots = (edges
+                 | "AllEdges" >> beam.combiners.ToList()
+                 | "Components" >> beam.FlatMap(lambda es: sorted(near_dedup.component_roots(es).items())))
+        keyed = rows | "ByUid" >> beam.Map(lambda x: (x["uid"], x))
+        return ({"row": keyed, "root": roots}
+                | "JoinRoots" >> beam.CoGroupByKey()
+                | "Decide" >> beam.FlatMap(_apply_roots).with_outputs(REJECTED, main=OK))
+
+
+def _entry_lists(rows):
+    return [list(r["entry_ids"]) for r in rows]
+
+
+def _dense_counts(counts: dict) -> np.ndarray:
+    """Entry counts as an array indexed by entry id (balance.solve_t evaluates over arrays)."""
+    dense = np.zeros(max(counts, default=-1) + 1, dtype=np.int64)
+    for e, c in counts.items():
+        dense[int(e)] = int(c)
+    return dense
+
+
+def _solve_t(rows, counts, target):
+    return float(balance.solve_t(_entry_lists(rows), _dense_counts(counts), target))
+
+
+class Rebalance(beam.PTransform):
+    """MetaCLIP's balancing redone on the surviving pool: recount entries, keep with 1 - prod(1 - p_e).
+
+    The counts come from a Beam combine over the pool that actually survived; ``t`` is given, or solved with
+    :func:`pipelines.balance.solve_t` so the expected kept count reaches ``target_size``. The draw depends only on
+    (seed, uid). Outputs: ``ok`` kept rows, ``rejected`` rows (reason ``balance_not_sampled``), ``counts_before``
+    and ``counts_after`` ((entry_id, count) pairs) and ``t`` (a singleton).
+    """
+
+    def __init__(self, t: float | None = None, target_size: int | None = None, seed: int = 0):
+        super().__init__()
+        if (t is None) == (target_size is None):
+            raise ValueError("Rebalance: give exactly one of t or target_size")
+        self.t, self.target_size, self.seed = t, target_size, seed
+
+    def expand(self, rows):
+        counts_before = (rows
+                         | "EntriesBefore" >> beam.FlatMap(lambda r: list(r["entry_ids"]))
+                         | "CountBefore" >> beam.combiners.Count.PerElement())
+        counts_dict = beam.pvalue.AsDict(counts_before)
+        if self.t is not None:
+            t_value = rows.pipeline | "GivenT" >> beam.Create([float(self.t)])
+        else:
+            target = self.target_size
+            t_value = (rows
+                       | "AllEntryLists" >> beam.combiners.ToList()
+                       | "SolveT" >> beam.Map(_solve_t, counts_dict, target))
+        seed = self.seed
+
+        def decide(row, counts, t):
+            p = balance.keep_probability(row["entry_ids"], counts, t)
+            if balance.is_kept(seed, row["uid"], p):
+                yield row
+            else:
+                yield pvalue.TaggedOutput(REJECTED, _reject(row, "balance", "balance_not_sampled"))
+
+        decided = rows | "Draw" >> beam.FlatMap(decide, counts_dict, beam.pvalue.AsSingleton(t_value)).with_outputs(
+            REJECTED, main=OK)
+        counts_after = (decided[OK]
+                        | "EntriesAfter" >> beam.FlatMap(lambda r: list(r["entry_ids"]))
+                        | "CountAfter" >> beam.combiners.Count.PerElement())
+        return {OK: decided[OK], REJECTED: decided[REJECTED], "counts_before": counts_before,
+                "counts_after": counts_after, "t": t_value}

@@ -1,0 +1,155 @@
+"""The build_dataset Prefect flow on a synthetic web served on 127.0.0.1, under Prefect's real test server:
+accounting, failure reasons, shards readable by webdataset, identical reruns, kill-and-rerun, S3 destination."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import storage
+from pipelines.curate_steps import CurateParams
+
+pytestmark = pytest.mark.slow
+
+
+def make_cfg(web, out, **kw):
+    from flows.build import BuildConfig
+
+    return BuildConfig(
+        inputs=[str(web["pairs"])], querylist=str(web["querylist"]), out=str(out),
+        curate=CurateParams(t=kw.pop("t", 10_000), langs=()),
+        crawl={"allow_cidrs": ("127.0.0.1/32",), "timeout": 1.5, "max_download_seconds": 3.0, "retries": 0,
+               "thread_count": 16, "image_size": 96},
+        images={"min_side": 16}, samples_per_shard=40, **kw)
+
+
+def shard_bytes(shards_dir):
+    return {p.name: p.read_bytes() for p in sorted(Path(shards_dir).iterdir()) if p.suffix in (".tar", ".parquet")}
+
+
+def all_rejected(out):
+    tables = [pq.read_table(p) for p in sorted(Path(out, "rejected").glob("*.parquet"))]
+    return pa.concat_tables([t.select(["uid", "url", "caption", "stage", "reason"]) for t in tables])
+
+
+@pytest.fixture(scope="module")
+def built(prefect_server, synth_web_small, tmp_path_factory):
+    from flows.build import build_dataset
+
+    out = tmp_path_factory.mktemp("build")
+    summary = build_dataset(make_cfg(synth_web_small, out))
+    return out, summary
+
+
+def test_every_row_ends_in_one_place_with_the_right_reason(built, synth_web_small):
+    from pipelines.synthweb import EXPECTED_CRAWL_REASON
+
+    out, summary = built
+    manifest = json.loads((out / "manifest.json").read_text())
+    raw = pq.read_table(synth_web_small["pairs"]).to_pylist()
+    rejected = all_rejected(out).to_pylist()
+    shard_rows = pa.concat_tables([pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))])
+    assert manifest["funnel"]["input_rows"] == len(raw)
+    assert len(raw) == shard_rows.num_rows + len(rejected)  # every input row: a shard or a rejected row
+    assert summary["funnel"]["kept"] == shard_rows.num_rows
+    # each failure mode that reached the crawl ends with its expected reason
+    by_url = {}
+    for r in rejected:
+        by_url.setdefault(r["url"], []).append(r)
+    in_shards = set(shard_rows.column("url").to_pylist())
+    checked = set()
+    for row in raw:
+        mode, expected = row["failure_mode"], EXPECTED_CRAWL_REASON[row["failure_mode"]]
+        rows = by_url.get(row["url"], [])
+        if any(r["stage"] == "curate" for r in rows):
+            continue  # dropped before the crawl (caption filters, language...)
+        if expected is None:
+            assert row["url"] in in_shards or rows, (mode, row["url"])
+            continue
+        assert [r["reason"] for r in rows if r["stage"] == "crawl"] == [expected], (mode, rows)
+        checked.add(mode)
+    assert checked >= {"http_404", "http_500", "timeout", "truncated", "corrupt", "not_image", "redirect_private",
+                       "bomb", "opt_out_noai"}, checked
+
+
+def test_shards_read_back_with_webdataset(built):
+    import webdataset as wds
+
+    out, _ = built
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    urls = [str(out / "shards" / name) for name in sorted(sizes)]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json"))
+    assert len(samples) == sum(sizes.values()) > 0
+    img, txt, meta = samples[0]
+    assert img.size[0] > 0 and txt == meta["caption"] and {"uid", "url", "entry_ids"} <= set(meta)
+
+
+def test_rerun_is_identical_and_reuses_work(built, synth_web_small, prefect_server):
+    from flows.build import build_dataset
+
+    out, first = built
+    before = shard_bytes(out / "shards")
+    manifest_before = json.loads((out / "manifest.json").read_text())
+    again = build_dataset(make_cfg(synth_web_small, out))
+    assert shard_bytes(out / "shards") == before
+    assert json.loads((out / "manifest.json").read_text())["funnel"] == manifest_before["funnel"]
+    assert again["funnel"] == first["funnel"]
+
+
+def test_kill_and_rerun_gives_identical_output(built, synth_web_small, tmp_path, prefect_server):
+    out_ref, _ = built
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "flows.cli", "build", "-i", str(synth_web_small["pairs"]),
+           "-q", str(synth_web_small["querylist"]), "-o", str(out), "--allow-cidr", "127.0.0.1/32",
+           "--t", "10000", "--langs", "", "--samples-per-shard", "40", "--image-size", "96", "--timeout", "1.5",
+           "--config", str(_yaml(tmp_path))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "crawl").glob("*.tar")) if (out / "crawl").exists() else \
+            time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-crawl: the worst moment for half-written files
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert shard_bytes(out / "shards") == shard_bytes(out_ref / "shards")
+    ref = json.loads((out_ref / "manifest.json").read_text())["funnel"]
+    assert json.loads((out / "manifest.json").read_text())["funnel"] == ref
+
+
+def _yaml(tmp_path):
+    path = tmp_path / "build.yaml"
+    path.write_text("crawl:\n  max_download_seconds: 3.0\n  retries: 0\n  thread_count: 16\nimages:\n  min_side: 16\n")
+    return path
+
+
+def test_build_to_s3(built, synth_web_small, s3_bucket, tmp_path, prefect_server):
+    from flows.build import build_dataset
+
+    out_ref, _ = built
+    dest = f"{s3_bucket}/datasets/synth"
+    summary = build_dataset(make_cfg(synth_web_small, dest, work=str(tmp_path / "work")))
+    names = sorted(shard_bytes(out_ref / "shards"))
+    for name in names:
+        assert storage.read_bytes(f"{dest}/shards/{name}") == (out_ref / "shards" / name).read_bytes()
+    manifest = json.loads(storage.read_bytes(f"{dest}/manifest.json"))
+    assert manifest["funnel"]["kept"] == summary["funnel"]["kept"]
+
+
+def test_build_cli_user_errors(synth_web_small, tmp_path):
+    base = [sys.executable, "-m", "flows.cli", "build", "-i", str(synth_web_small["pairs"]),
+            "-q", str(synth_web_small["querylist"]), "-o", str(tmp_path / "o")]
+    for extra, needle in [(["--eval-set", "nosuchset:x"], "nosuchset"),
+                          (["--allow-cidr", "not-a-cidr"], "not-a-cidr"),
+                          (["-i", str(tmp_path / "missing.parquet")], "no such file")]:
+        res = subprocess.run(base + extra, capture_output=True, text=True)
+        assert res.returncode == 2, res.stderr[-1500:]
+        assert needle in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()

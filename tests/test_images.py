@@ -1,0 +1,342 @@
+"""Images stage: pure checks and near-dup search, Beam transforms, and process_images/rebalance on a real crawl.
+
+The crawl is produced by img2dataset itself (webdataset output) from images served by http.server on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import random
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import apache_beam as beam
+import numpy as np
+import imagehash
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image, ImageDraw
+
+from pipelines import balance, storage
+from pipelines.images import checks, near_dedup
+from pipelines.images.stage import ImagesConfig, kept_uids, process_images, read_rows, rebalance
+from pipelines.images.transforms import OK, REJECTED, CheckImages, NearDedup
+
+RADIUS = 4
+
+
+def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def draw_image(i: int, size: tuple[int, int]) -> Image.Image:
+    """A distinct procedurally drawn picture per ``i`` (shapes, colours and positions from a seeded RNG)."""
+    rng = random.Random(i)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    w, h = size
+    for _ in range(4):
+        x0, y0 = rng.randrange(w), rng.randrange(h)
+        box = (x0, y0, x0 + rng.randrange(10, w), y0 + rng.randrange(10, h))
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=fill)
+    return img
+
+
+def make_web(root) -> list[dict]:
+    """Files under ``root`` and the rows (name, caption, entry_ids, expected outcome) that point at them."""
+    rows = []
+    for i in range(14):
+        size = (64 + 11 * i, 64 + 7 * (i % 5))
+        (root / f"img{i}.jpg").write_bytes(_jpeg(draw_image(i, size)))
+        rows.append({"name": f"img{i}.jpg", "caption": f"picture {i}", "entry_ids": [i % 3, 3 + i % 2],
+                     "expect": "ok"})
+    # exact duplicate: the same bytes behind a second URL with another caption (so another uid)
+    (root / "copy_of_img0.jpg").write_bytes((root / "img0.jpg").read_bytes())
+    rows.append({"name": "copy_of_img0.jpg", "caption": "a copy", "entry_ids": [0], "expect": "exact"})
+    # near duplicate: img1 re-encoded at a lower quality (different bytes, near-identical pHash)
+    near = _jpeg(Image.open(root / "img1.jpg").convert("RGB"), quality=60)
+    (root / "near_img1.jpg").write_bytes(near)
+    rows.append({"name": "near_img1.jpg", "caption": "near copy", "entry_ids": [1], "expect": "near"})
+    (root / "tiny.jpg").write_bytes(_jpeg(draw_image(100, (20, 20))))
+    rows.append({"name": "tiny.jpg", "caption": "tiny", "entry_ids": [2], "expect": checks.TOO_SMALL})
+    (root / "wide.jpg").write_bytes(_jpeg(draw_image(101, (300, 60))))
+    rows.append({"name": "wide.jpg", "caption": "wide", "entry_ids": [2], "expect": checks.BAD_ASPECT})
+    rows.append({"name": "missing.jpg", "caption": "gone", "entry_ids": [1], "expect": "crawl"})
+    return rows
+
+
+def _uid(i: int) -> str:
+    # uids sort in row order, so "the smallest uid is kept" is the original in each duplicate pair
+    return f"{i:032x}"
+
+
+@pytest.fixture(scope="session")
+def crawl_build(tmp_path_factory):
+    """img2dataset's webdataset output for the test web; yields (crawl_dir, rows with uid/url)."""
+    from img2dataset import download
+
+    base = tmp_path_factory.mktemp("crawl")
+    www = base / "www"
+    www.mkdir()
+    rows = make_web(www)
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(_QuietHandler, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        for i, r in enumerate(rows):
+            r["uid"], r["url"] = _uid(i), f"http://127.0.0.1:{port}/{r['name']}"
+        pq.write_table(pa.table({
+            "url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows],
+            "uid": [r["uid"] for r in rows],
+            "entry_ids": pa.array([r["entry_ids"] for r in rows], pa.list_(pa.int32()))}), base / "candidates.parquet")
+        download(url_list=str(base / "candidates.parquet"), input_format="parquet", url_col="url",
+                 caption_col="caption", output_format="webdataset", output_folder=str(base / "crawl"),
+                 processes_count=1, thread_count=4, resize_mode="no", enable_wandb=False,
+                 save_additional_columns=["uid", "entry_ids"], number_sample_per_shard=10, timeout=5, retries=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return str(base / "crawl"), rows
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def pool_build(crawl_build, tmp_path_factory):
+    """process_images over the crawl; yields (build_dir, stats, rows)."""
+    crawl_dir, rows = crawl_build
+    build = tmp_path_factory.mktemp("build")
+    stats = process_images(crawl_dir, str(build / "pool"), ImagesConfig(min_side=32, max_aspect=3.0,
+                                                                          near_dup_radius=RADIUS, pool_files=2))
+    return str(build), stats, rows
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+
+
+def test_inspect_image_reasons():
+    good = _jpeg(draw_image(1, (120, 90)))
+    info = checks.inspect_image(good)
+    assert (info.width, info.height, info.error) == (120, 90, None)
+    assert checks.inspect_image(b"").error == checks.DECODE_ERROR
+    assert checks.inspect_image(b"not an image at all").error == checks.DECODE_ERROR
+    assert checks.inspect_image(good[: len(good) // 2]).error == checks.DECODE_ERROR  # truncated body
+    assert checks.inspect_image(good, max_pixels=100).error == checks.TOO_LARGE  # judged from the header
+    assert checks.check_size(31, 200, 32) == (False, checks.TOO_SMALL)
+    assert checks.check_size(32, 200, 32) == (True, None)
+    assert checks.check_aspect(300, 100, 3.0) == (True, None)
+    assert checks.check_aspect(301, 100, 3.0) == (False, checks.BAD_ASPECT)
+    assert checks.check_aspect(100, 301, 3.0) == (False, checks.BAD_ASPECT)
+
+
+def test_hashes_agree_with_imagehash():
+    from pipelines.decontam.hashing import dhash64_batch, phash64_batch
+
+    datas = [_jpeg(draw_image(i, (64 + 13 * i, 96))) for i in range(12)]
+    ref_p = [int(str(imagehash.phash(Image.open(io.BytesIO(d)))), 16) for d in datas]
+    ref_d = [int(str(imagehash.dhash(Image.open(io.BytesIO(d)))), 16) for d in datas]
+    full = [checks.inspect_image(d).image for d in datas]
+    assert [int(h) for h in phash64_batch(full)] == ref_p  # the default decode is bit-exact
+    assert [int(h) for h in dhash64_batch(full)] == ref_d
+    reduced = phash64_batch([checks.inspect_image(d, reduced=True).image for d in datas])
+    assert all(near_dedup.hamming64(a, b) <= 12 for a, b in zip(reduced, ref_p))  # close, not exact
+
+
+def test_block_bounds_cover_64_bits():
+    for r in (0, 1, 4, 7, 63):
+        bounds = near_dedup.block_bounds(r)
+        assert len(bounds) == r + 1
+        assert sum(w for _, w in bounds) == 64
+        assert bounds[-1][0] == 0
+    with pytest.raises(ValueError):
+        near_dedup.block_bounds(64)
+
+
+def _brute_components(items, radius):
+    edges = [(a, b) for (a, ha), (b, hb) in itertools.combinations(sorted(items), 2)
+             if near_dedup.hamming64(ha, hb) <= radius]
+    return near_dedup.component_roots(edges)
+
+
+def test_multi_index_search_equals_brute_force():
+    rng = random.Random(3)
+    items = []
+    for i in range(300):
+        h = rng.getrandbits(64)
+        items.append((f"u{i:04d}", h))
+        if i % 10 == 0:  # plant chains of near duplicates
+            for j in range(rng.randrange(1, 4)):
+                h ^= 1 << rng.randrange(64)
+                if rng.random() < 0.5:
+                    h ^= 1 << rng.randrange(64)
+                items.append((f"v{i:04d}{j}", h))
+    for radius in (0, 2, 4):
+        buckets: dict = {}
+        for uid, h in items:
+            for b in near_dedup.blocks(h, radius):
+                buckets.setdefault(b, []).append((uid, h))
+        edges = [e for (bi, _), members in buckets.items() for e in near_dedup.bucket_pairs(bi, members, radius)]
+        assert len(edges) == len(set(edges))  # each pair reported once
+        assert near_dedup.component_roots(edges) == _brute_components(items, radius)
+
+
+def test_component_roots_keep_smallest_uid():
+    assert near_dedup.component_roots([("b", "c"), ("a", "c"), ("x", "y")]) == {"b": "a", "c": "a", "y": "x"}
+
+
+# ------------------------------------------------------------------------------------------------ Beam transforms
+
+
+def test_check_images_transform_tags_reasons():
+    good = _jpeg(draw_image(5, (100, 80)))
+    recs = [
+        {"uid": "a", "status": "success", "image": good, "original_width": 100, "original_height": 80},
+        {"uid": "b", "status": "success", "image": b"\xff\xd8garbage"},
+        {"uid": "c", "status": "success", "image": None},
+        {"uid": "d", "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found", "image": None},
+        {"uid": "e", "status": "success", "image": _jpeg(draw_image(6, (200, 40)))},
+    ]
+    with TestPipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])) as p:
+        out = p | beam.Create(recs) | CheckImages(min_side=32, max_aspect=3.0)
+        assert_that(out[OK] | "okuids" >> beam.Map(lambda r: (r["uid"], r["sha256"], r["phash"] is not None)),
+                    equal_to([("a", checks.sha256_hex(good), True)]), label="ok")
+        assert_that(out[REJECTED] | beam.Map(lambda r: (r["uid"], r["status"], r["stage"], r["reason"])),
+                    equal_to([("b", "rejected", "images", checks.DECODE_ERROR),
+                              ("c", "rejected", "images", checks.MISSING_IMAGE),
+                              ("d", "failed", "crawl", "http_404"),
+                              ("e", "rejected", "images", checks.BAD_ASPECT)]), label="rejected")
+
+
+def test_near_dedup_transform_matches_pure_search():
+    rng = random.Random(11)
+    rows = []
+    for i in range(60):
+        h = rng.getrandbits(64)
+        rows.append({"uid": f"u{i:03d}", "phash": h})
+        if i % 7 == 0:
+            rows.append({"uid": f"w{i:03d}", "phash": h ^ (1 << rng.randrange(64)) ^ (1 << rng.randrange(64))})
+    expected_removed = _brute_components([(r["uid"], r["phash"]) for r in rows], RADIUS)
+    with TestPipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])) as p:
+        out = p | beam.Create(rows) | NearDedup(RADIUS)
+        assert_that(out[REJECTED] | beam.Map(lambda r: (r["uid"], r["duplicate_of"])),
+                    equal_to(sorted(expected_removed.items())), label="removed")
+        assert_that(out[OK] | "ok" >> beam.Map(lambda r: r["uid"]),
+                    equal_to([r["uid"] for r in rows if r["uid"] not in expected_removed]), label="kept")
+
+
+# -------------------------------------------------------------------------------------------- stage on real crawl
+
+
+@pytest.mark.slow
+def test_process_images_funnel_and_reasons(pool_build):
+    build, stats, rows = pool_build
+    pool = read_rows(stats["files"])
+    by_uid = {r["uid"]: r for r in pool}
+    assert sorted(by_uid) == sorted(r["uid"] for r in rows)  # every crawled row is in the pool exactly once
+    assert len(pool) == len(rows)
+    assert stats["input_rows"] == stats["kept"] + sum(stats["rejected"].values()) == len(rows)
+    for r in rows:
+        got = by_uid[r["uid"]]
+        if r["expect"] == "ok":
+            assert got["status"] == "ok", got
+            assert got["phash"] is not None and got["sha256"] and got["jpg_size"] > 0
+        elif r["expect"] == "exact":
+            assert (got["stage"], got["reason"], got["duplicate_of"]) == ("dedup", checks.EXACT_DUP, _uid(0))
+        elif r["expect"] == "near":
+            assert (got["stage"], got["reason"], got["duplicate_of"]) == ("dedup", checks.NEAR_DUP, _uid(1))
+        elif r["expect"] == "crawl":
+            assert (got["status"], got["stage"]) == ("failed", "crawl") and "404" in got["reason"]
+        else:
+            assert (got["stage"], got["reason"]) == ("images", r["expect"])
+    rejected = read_rows([stats["rejected_uri"]])
+    assert sorted(r["uid"] for r in rejected) == sorted(u for u, r in by_uid.items() if r["status"] != "ok")
+    # the stored hashes are imagehash's pHash / dHash of the crawled bytes
+    for r in rows:
+        if r["expect"] == "ok":
+            img = Image.open(io.BytesIO(_crawl_image(by_uid[r["uid"]])))
+            assert by_uid[r["uid"]]["phash"] == int(str(imagehash.phash(img)), 16)
+            assert by_uid[r["uid"]]["dhash"] == int(str(imagehash.dhash(img)), 16)
+
+
+def _crawl_image(row: dict) -> bytes:
+    with storage.open_read(row["crawl_tar"]) as f:
+        f.seek(row["jpg_offset"])
+        return f.read(row["jpg_size"])
+
+
+@pytest.mark.slow
+def test_process_images_rerun_is_skipped_and_identical(pool_build, crawl_build, tmp_path):
+    build, stats, _rows = pool_build
+    before = {f: storage.read_bytes(f) for f in stats["files"]}
+    again = process_images(crawl_build[0], storage.join(build, "pool"),
+                           ImagesConfig(min_side=32, max_aspect=3.0, near_dup_radius=RADIUS, pool_files=2))
+    assert again == stats
+    assert {f: storage.read_bytes(f) for f in stats["files"]} == before
+    # a fresh directory recomputes to the same bytes (deterministic output)
+    fresh = process_images(crawl_build[0], str(tmp_path / "pool"),
+                           ImagesConfig(min_side=32, max_aspect=3.0, near_dup_radius=RADIUS, pool_files=2))
+    assert [storage.read_bytes(f) for f in fresh["files"]] == list(before.values())
+
+
+@pytest.mark.slow
+def test_rebalance_recounts_and_draws_per_uid(pool_build, tmp_path):
+    build, stats, _rows = pool_build
+    pool = [r for r in read_rows(stats["files"]) if r["status"] == "ok"]
+    # exclude one uid as decontamination would
+    excluded = pool[0]["uid"]
+    ex_uri = str(tmp_path / "matches.parquet")
+    pq.write_table(pa.table({"uid": [excluded]}), ex_uri)
+    out_dir = str(tmp_path / "balance")
+    t = 3.0
+    res = rebalance(storage.join(build, "pool"), out_dir, t=t, seed=7, exclude=[ex_uri])
+    survivors = [r for r in pool if r["uid"] != excluded]
+    counts = {}
+    for r in survivors:
+        for e in r["entry_ids"]:
+            counts[e] = counts.get(e, 0) + 1
+    assert res["counts_before"] == {str(k): v for k, v in sorted(counts.items())}
+    expect_kept = sorted(r["uid"] for r in survivors
+                         if balance.is_kept(7, r["uid"], balance.keep_probability(r["entry_ids"], counts, t)))
+    assert kept_uids(out_dir) == expect_kept
+    assert 0 < res["kept"] < len(survivors)  # t = 3 really drops some pairs
+    assert res["input_rows"] == len(survivors)
+    dropped = read_rows([res["rejected_uri"]])
+    assert {r["reason"] for r in dropped} == {"balance_not_sampled"}
+    assert len(dropped) + res["kept"] == len(survivors)
+    after = {}
+    for r in survivors:
+        if r["uid"] in set(expect_kept):
+            for e in r["entry_ids"]:
+                after[e] = after.get(e, 0) + 1
+    assert res["counts_after"] == {str(k): v for k, v in sorted(after.items())}
+    # rerun: the recorded result, unchanged files
+    assert rebalance(storage.join(build, "pool"), out_dir, t=t, seed=7, exclude=[ex_uri]) == res
+    # target size: solve_t on the recounted pool
+    res2 = rebalance(storage.join(build, "pool"), str(tmp_path / "b2"), target_size=5, seed=7)
+    lists = [r["entry_ids"] for r in pool]
+    dense = np.bincount([e for ids in lists for e in ids])
+    assert res2["t"] == pytest.approx(balance.solve_t(lists, dense, 5))
+
+
+def test_bad_crawl_dir_is_a_clear_error(tmp_path):
+    from pipelines.images.crawl_reader import CrawlFormatError
+
+    with pytest.raises(CrawlFormatError, match="no img2dataset shard"):
+        process_images(str(tmp_path), str(tmp_path / "pool"))
+    pq.write_table(pa.table({"key": ["0"], "status": ["success"], "url": ["http://x"]}), tmp_path / "00000.parquet")
+    with pytest.raises(CrawlFormatError, match="no 'uid' column"):
+        process_images(str(tmp_path), str(tmp_path / "pool"))
+    with pytest.raises(ValueError, match="unknown key"):
+        ImagesConfig.from_dict({"min_sides": 3})
