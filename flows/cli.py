@@ -322,6 +322,36 @@ def print_build_summary(summary: dict) -> None:
                   f"rejected rows in {root}/rejected/")
 
 
+# ---------------------------------------------------------------------------------------------- audit, train, eval
+
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASSTHROUGH, add_help_option=False)
+def audit(ctx: typer.Context):
+    """Contamination audit: --dataset D --eval-set SPEC... --out DIR [--checkpoint RUN_DIR] (--help for all)."""
+    from pipelines.decontam.audit import main as audit_main
+
+    code = _run_user(audit_main, list(ctx.args))
+    raise typer.Exit(code or 0)
+
+
+@app.command(context_settings=_PASSTHROUGH, add_help_option=False)
+def train(ctx: typer.Context):
+    """Train a CLIP model: --data SHARDS --model NAME --out RUN_DIR [...] (--help for all options)."""
+    from clip_train.train import main as train_main
+
+    raise typer.Exit(_run_user(train_main, list(ctx.args)) or 0)
+
+
+@app.command("eval", context_settings=_PASSTHROUGH, add_help_option=False)
+def evaluate(ctx: typer.Context):
+    """Evaluate a checkpoint: --checkpoint RUN_DIR --eval-set SPEC... --out DIR [...] (--help for all)."""
+    from clip_train.evaluate import main as eval_main
+
+    raise typer.Exit(_run_user(eval_main, list(ctx.args)) or 0)
+
+
 # ---------------------------------------------------------------------------------------------- synthweb & demo
 
 

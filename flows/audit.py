@@ -1,0 +1,43 @@
+"""Prefect flow ``audit_contamination``: a scheduled contamination audit of any dataset against evaluation sets.
+
+Wraps :func:`pipelines.decontam.audit.run_audit` (report.json + report.html) and publishes the overlap table as
+a Prefect Markdown artifact.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+
+
+@task(name="audit", persist_result=True)
+def audit_task(dataset: str, eval_sets: list[str], out: str, checkpoint: str | None = None,
+               thresholds: dict | None = None) -> dict:
+    from pipelines.decontam.audit import run_audit
+
+    report = run_audit(dataset, list(eval_sets), out, checkpoint, **(thresholds or {}))
+    return {"out": out, "report_json": f"{out}/report.json", "report_html": f"{out}/report.html",
+            "eval_sets": {name: {k: r[k] for k in ("n_eval", "n_overlap", "overlap_rate")}
+                          for name, r in report["eval_sets"].items()},
+            "statistics": report.get("statistics")}
+
+
+def overlap_markdown(summary: dict) -> str:
+    lines = ["| evaluation set | examples | with a near-duplicate | overlap |", "|---|---:|---:|---:|"]
+    for name, r in summary["eval_sets"].items():
+        lines.append(f"| {name} | {r['n_eval']:,} | {r['n_overlap']:,} | {100 * r['overlap_rate']:.2f}% |")
+    for name, s in (summary.get("statistics") or {}).items():
+        lines.append(f"\n**{name}** zero-shot: All {s.get('all', {}).get('accuracy')}, "
+                     f"Clean {s.get('clean', {}).get('accuracy')}, p = {s.get('p_value')}")
+    return "\n".join(lines)
+
+
+@flow(name="audit_contamination", persist_result=True, log_prints=True)
+def audit_contamination(dataset: str, eval_sets: list[str], out: str, checkpoint: str | None = None,
+                        thresholds: dict | None = None) -> dict:
+    """Audit DATASET (shards, tar glob, folder:PATH, parquet, or an eval-set spec) for overlap with EVAL_SETS."""
+    from prefect.artifacts import create_markdown_artifact
+
+    summary = audit_task(dataset, eval_sets, out, checkpoint, thresholds)
+    create_markdown_artifact(key="contamination", markdown=overlap_markdown(summary),
+                             description=f"contamination audit of {dataset}")
+    get_run_logger().info(f"audit report: {summary['report_html']}")
+    return summary
