@@ -398,6 +398,32 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the dem
     print_build_summary(summary)
 
 
+# ---------------------------------------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(config: Path = typer.Option(Path("infra/prefect/local.yaml"), help="Deployments to serve."),
+          synthweb_root: Optional[Path] = typer.Option(None, "--synthweb", help="Also serve this synthetic web on "
+                                                                                 "127.0.0.1 (for demo deployments)."),
+          limit: Optional[int] = typer.Option(None, help="Most flow runs at once.")):
+    """Create the scheduled deployments and run them from this process (embedded default; Ctrl-C stops)."""
+    from flows.deploy import load_serve_config, serve_deployments
+
+    specs = _run_user(load_serve_config, config)
+    for spec in specs:
+        when = spec["cron"] or (f"every {spec['interval']} s" if spec["interval"] else "on demand")
+        typer.echo(f"deployment {spec['flow']}/{spec['name']}: {when}")
+    if synthweb_root:
+        from pipelines.synthweb import SynthWebServer
+
+        with SynthWebServer(synthweb_root) as web:
+            web.materialise_url_list()
+            typer.echo(f"synthetic web served at {web.base_url}")
+            serve_deployments(config, limit=limit)
+    else:
+        serve_deployments(config, limit=limit)
+
+
 def main() -> None:  # console entry
     app()
 
