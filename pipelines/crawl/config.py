@@ -44,6 +44,9 @@ class CrawlConfig:
     disallowed_header_directives: tuple[str, ...] = field(default=DEFAULT_DISALLOWED_DIRECTIVES)
     compute_hash: str | None = "sha256"
     max_shard_retry: int = 1
+    # img2dataset's distributor: "multiprocessing" on one machine, "pyspark" on a Spark cluster (the guarded
+    # downloader is pickled to the executors, which need clipline installed; see infra/README.md).
+    distributor: str = "multiprocessing"
 
     def __post_init__(self):
         # Lists from YAML/JSON/CLI become tuples, so the config stays hashable and compares by value.
@@ -53,6 +56,8 @@ class CrawlConfig:
                 value = (value,)
             object.__setattr__(self, name, tuple(value or ()))
         problems = []
+        if self.distributor not in ("multiprocessing", "pyspark", "ray"):
+            problems.append(f"distributor {self.distributor!r} is not one of multiprocessing, pyspark, ray")
         if self.resize_mode not in RESIZE_MODES:
             problems.append(f"resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
         if self.encode_format not in ("jpg", "png", "webp"):

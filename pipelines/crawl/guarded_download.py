@@ -193,7 +193,7 @@ def img2dataset_kwargs(config: CrawlConfig, *, url_list: str, output_folder: str
         compute_hash=config.compute_hash,
         extract_exif=False,
         enable_wandb=False,
-        distributor="multiprocessing",
+        distributor=config.distributor,
         incremental_mode=incremental_mode,
         max_shard_retry=config.max_shard_retry,
     )
