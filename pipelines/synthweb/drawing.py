@@ -1,4 +1,9 @@
-"""Procedural drawing of synthetic-web scenes: 1-3 coloured, textured shapes on a light noisy background (PIL)."""
+"""Procedural drawing of synthetic-web scenes: 1-3 coloured, textured shapes on a light background (PIL).
+
+Two styles: :func:`render` draws web pictures (shapes at the named position their caption states, on a flat noisy
+tint); :func:`render_heldout` draws the evaluation split (free placement, small rotations, a shaded background), so
+evaluation pictures of a concept are the same concept to a model but not look-alikes of its web pictures.
+"""
 from __future__ import annotations
 
 import io
@@ -6,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 SUPERSAMPLE = 3  # shapes are drawn larger and downsampled so edges are anti-aliased
 
@@ -147,6 +152,84 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
         draw_shape_mask(mask, scene.kind, cx, cy, r)
     # The texture is computed at final size and upscaled (its edges need no anti-aliasing); only the shape
     # outline is drawn supersampled, then box-reduced.
+    period = max(3, int(min(scene.width, scene.height) * rng.uniform(0.06, 0.09)))
+    layer = _texture_layer((scene.width, scene.height), rgb, scene.texture, period).resize((W, H), Image.NEAREST)
+    canvas.paste(layer, (0, 0), mask_img)
+    return canvas.reduce(SUPERSAMPLE)
+
+
+def _shaded_background(rng: np.random.Generator, width: int, height: int, dim: float = 0.0) -> np.ndarray:
+    """A neutral "room" behind the objects: a wall and a floor of two grey tones split by a tilted horizon, shaded
+    by a gradient in a random direction and a few soft blobs.
+
+    Structure of its own (the horizon's edge, the shading) gives every evaluation picture an identity that other
+    pictures of its concept do not share, as the backgrounds of real photos do; a near-duplicate detector can tell
+    a copy from a look-alike by it. Tones stay unsaturated, so the object's colour still stands out; ``dim`` darkens
+    the room for a light object (yellow), which would otherwise hardly differ from the wall in brightness."""
+    wall = float(rng.uniform(205, 245)) - dim
+    floor = wall - float(rng.uniform(55, 95)) * (1 if rng.random() < 0.75 else -0.4)
+    corner_wall = wall - float(rng.uniform(20, 40))  # the other wall, where a room corner shows
+    tint = rng.uniform(-6, 6, size=3).astype(np.float32)  # a faint colour cast, far from any object's saturation
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    xx, yy = xx / max(width - 1, 1) - 0.5, yy / max(height - 1, 1) - 0.5
+    horizon = rng.uniform(-0.2, 0.2) + np.tan(np.radians(rng.uniform(-15, 15))) * xx
+    corner = rng.uniform(-0.3, 0.3) if rng.random() < 0.6 else 1.0  # 1.0: no corner in view
+    side = xx > corner if rng.random() < 0.5 else xx < corner
+    grey = np.where(yy > horizon, floor, np.where(side, corner_wall, wall)).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    grey += rng.uniform(15, 30) * (xx * math.cos(angle) + yy * math.sin(angle))
+    for _ in range(int(rng.integers(2, 5))):
+        bx, by = rng.uniform(-0.5, 0.5, size=2)
+        sigma = rng.uniform(0.1, 0.25)
+        grey += rng.uniform(-20, 20) * np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * sigma**2))
+    noise = rng.normal(0, 4, size=(height, width, 1))
+    return np.clip(grey[:, :, None] + tint[None, None, :] + noise, 40, 255).astype(np.uint8)
+
+
+_NAMED_POSITIONS = {"center": (0.5, 0.5), "left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3),
+                    "bottom": (0.5, 0.7)}
+
+
+def _free_centres(rng: np.random.Generator, scene: Scene, W: int, H: int) -> list[tuple[float, float, float]]:
+    """(cx, cy, r) per object: a single object lands loosely around its named position (up to 15% of the canvas
+    off, where the web's pictures are within 3%), several objects anywhere, kept apart."""
+    short = min(W, H)
+    out: list[tuple[float, float, float]] = []
+    for _ in range(scene.count):
+        r = short * (rng.uniform(0.2, 0.33) if scene.count == 1 else rng.uniform(0.11, 0.16))
+        margin = r * 1.15  # stars and triangles reach 1.1 r from their centre
+        for _attempt in range(50):
+            if scene.count == 1:
+                fx, fy = _NAMED_POSITIONS[scene.position]
+                cx, cy = W * (fx + rng.uniform(-0.15, 0.15)), H * (fy + rng.uniform(-0.15, 0.15))
+            else:
+                cx, cy = rng.uniform(margin, W - margin), rng.uniform(margin, H - margin)
+            cx, cy = float(np.clip(cx, margin, W - margin)), float(np.clip(cy, margin, H - margin))
+            if all(math.hypot(cx - ox, cy - oy) > (r + orr) * 1.15 for ox, oy, orr in out):
+                break
+        out.append((cx, cy, r))
+    return out
+
+
+def render_heldout(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """Draw ``scene`` in the evaluation style: objects placed freely (:func:`_free_centres`), each turned
+    by up to 20 degrees (small enough that a square never reads as a diamond), on :func:`_shaded_background`."""
+    W, H = scene.width * SUPERSAMPLE, scene.height * SUPERSAMPLE
+    luma = 0.299 * scene.rgb[0] + 0.587 * scene.rgb[1] + 0.114 * scene.rgb[2]  # ITU-R 601, as PIL's "L"
+    dim = 70.0 if luma > 160 else 0.0
+    canvas = Image.fromarray(_shaded_background(rng, scene.width, scene.height, dim), "RGB").resize((W, H),
+                                                                                                  Image.BILINEAR)
+    jitter = rng.integers(-18, 19, size=3)
+    rgb = np.clip(np.array(scene.rgb) + jitter, 0, 255)
+    mask_img = Image.new("L", (W, H), 0)
+    for cx, cy, r in _free_centres(rng, scene, W, H):
+        # Drawn and turned on a tile around the object only (a whole-canvas rotation costs 4x the drawing).
+        half = int(math.ceil(r * 1.6))
+        tile = Image.new("L", (2 * half, 2 * half), 0)
+        draw_shape_mask(ImageDraw.Draw(tile), scene.kind, half + (cx % 1), half + (cy % 1), r)
+        tile = tile.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR)
+        box = (int(cx) - half, int(cy) - half, int(cx) + half, int(cy) + half)
+        mask_img.paste(ImageChops.lighter(mask_img.crop(box), tile), box)
     period = max(3, int(min(scene.width, scene.height) * rng.uniform(0.06, 0.09)))
     layer = _texture_layer((scene.width, scene.height), rgb, scene.texture, period).resize((W, H), Image.NEAREST)
     canvas.paste(layer, (0, 0), mask_img)

@@ -2,12 +2,19 @@
 
 Layout written under ``out_dir``::
 
-    images/...                  files the server serves (one JPEG per original image, near-duplicates, hostile bytes)
+    images/...                  files the server serves (one JPEG per original image, near-duplicates, transformed
+                                copies of held-out images, hostile bytes)
     site/routes.json            URL path -> failure mode and file (read by SynthWebServer)
-    raw/pairs.parquet, .tsv     the raw URL list: url, caption + ground truth (concept, lang, failure_mode, ...)
+    raw/pairs.parquet, .tsv     the raw URL list: url, caption + ground truth (concept, lang, failure_mode, ...,
+                                contaminates = the held-out id a row copies, contamination_transform)
     heldout/<class>/<id>.jpg    held-out evaluation images of the same concepts
     heldout/classes.json        {"class_names": [...], "templates": [...]}
     synthweb.json               parameters and counts; written last (marks the web complete)
+
+Contamination: ``contamination_rate`` of the rows (at least ``min_contaminated`` once a web has 200 pairs) serve a
+transformed copy of a held-out image (:mod:`contamination`) with a clean English caption of its concept, and no
+failure mode, so they reach a crawl and a build's decontamination step has real copies to find. Held-out ids are
+the file stems (``h007_0003``), as the ``synth:`` evaluation-set loader names them.
 
 The same parameters and seed give the same bytes in every file. URLs in raw/ are ``base_url + path``; the port of
 a server is only known once it is bound, so :func:`materialise_url_list` rewrites raw/ for a given base URL.
@@ -29,16 +36,19 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.synthweb import captions as C
+from pipelines.synthweb import contamination as K
 from pipelines.synthweb import hostile as H
 from pipelines.synthweb import vocabulary as V
-from pipelines.synthweb.drawing import Scene, encode_jpeg, render
+from pipelines.synthweb.drawing import Scene, encode_jpeg, render, render_heldout
 
-FORMAT_VERSION = 1
+# 2: held-out images drawn in their own style (render_heldout); planted contamination rows and their columns.
+FORMAT_VERSION = 2
 # Placeholder until a server is bound; ".invalid" never resolves (RFC 2606), so a URL list that was never
 # materialised fails loudly instead of reaching some host.
 PLACEHOLDER_BASE_URL = "http://synthweb.invalid"
 HELDOUT_TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a {} on a plain background.", "clip art of a {}."]
 PRIVATE_REDIRECT_HOST = "127.0.0.2"  # where redirect_private rows point: loopback, but not the allowed 127.0.0.1
+CONTAMINATION_MIN_PAIRS = 200  # from this web size on, min_contaminated applies
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class WebParams:
     failure_rate: float = H.DEFAULT_FAILURE_RATE  # per failure mode
     min_per_failure_mode: int = 1  # so even a small web has every failure mode
     heldout_per_class: int = 10
+    contamination_rate: float = 0.02  # rows that serve a transformed copy of a held-out image
+    min_contaminated: int = 4  # ...at least this many once n_pairs >= CONTAMINATION_MIN_PAIRS (if the rate is > 0)
     min_side: int = 96
     max_side: int = 192
     bomb_side: int = 30000
@@ -71,6 +83,10 @@ class WebParams:
         unknown = set(self.lang_weights) - set(V.LANGUAGES)
         if unknown:
             raise ValueError(f"lang_weights has unsupported languages {sorted(unknown)}; expected {V.LANGUAGES}")
+        if not 0.0 <= self.contamination_rate <= 0.5:
+            raise ValueError(f"contamination_rate must be in [0, 0.5], got {self.contamination_rate}")
+        if self.min_contaminated < 0:
+            raise ValueError(f"min_contaminated must be >= 0, got {self.min_contaminated}")
         if not 16 <= self.min_side <= self.max_side:
             raise ValueError(f"need 16 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
 
@@ -95,6 +111,9 @@ class _Row:
     file: str = ""
     path: str = ""
     pair_id: str = ""
+    contaminates: str = ""  # held-out id this row serves a copy of
+    contamination_transform: str = ""
+    heldout_of: tuple[int, int] = (-1, -1)  # (class index, image index) of that held-out image
 
 
 def _rng(seed: int, stream: str, index: int = 0) -> np.random.Generator:
@@ -152,14 +171,56 @@ def _near_duplicate(jpeg: bytes, variant: str, rng: np.random.Generator) -> byte
     raise ValueError(f"unknown near-duplicate variant {variant!r}")
 
 
+def heldout_id(class_index: int, image_index: int) -> str:
+    """The id of a held-out image: its file stem, which is how the ``synth:`` evaluation-set loader names it."""
+    return f"h{class_index:03d}_{image_index:04d}"
+
+
+def _heldout_image(params: WebParams, class_index: int, image_index: int) -> tuple[_Row, bytes]:
+    """Scene and JPEG bytes of one held-out image (its own random stream: the same bytes wherever it is drawn)."""
+    rng = _rng(params.seed, "heldout", class_index * 100003 + image_index)
+    row = _scene_row(params, rng, image_index, class_index)
+    return row, encode_jpeg(render_heldout(_scene(row), rng))
+
+
+def n_contaminated(params: WebParams) -> int:
+    """How many rows of a web serve copies of held-out images."""
+    n = int(round(params.contamination_rate * params.n_pairs))
+    if params.contamination_rate > 0 and params.n_pairs >= CONTAMINATION_MIN_PAIRS:
+        n = max(n, params.min_contaminated)
+    # Never more than the held-out images (each copied once) or than leaves one original row.
+    return min(n, len(concepts(params)) * params.heldout_per_class, params.n_pairs - 1)
+
+
+def _contamination_rows(params: WebParams, n_contam: int, first_index: int) -> list[_Row]:
+    """Rows copying distinct held-out images; transforms go round a seeded order of the families, so every family
+    appears once a web has that many copies."""
+    if n_contam <= 0:
+        return []
+    rng = _rng(params.seed, "contamination")
+    n_held = len(concepts(params)) * params.heldout_per_class
+    picks = rng.choice(n_held, size=n_contam, replace=False)
+    families = [K.TRANSFORMS[int(i)] for i in rng.permutation(len(K.TRANSFORMS))]
+    rows = []
+    for k, flat in enumerate(sorted(int(x) for x in picks)):
+        ci, j = divmod(flat, params.heldout_per_class)
+        held, _ = _heldout_image(params, ci, j)
+        rows.append(_Row(index=first_index + k, kind=held.kind, colour=held.colour, count=held.count,
+                         texture=held.texture, position=held.position, width=held.width, height=held.height,
+                         lang="en", contaminates=heldout_id(ci, j),
+                         contamination_transform=families[k % len(families)], heldout_of=(ci, j)))
+    return rows
+
+
 def _plan_rows(params: WebParams) -> list[_Row]:
     """Decide every row's concept, caption, failure mode and duplicate status (no drawing yet)."""
     n = params.n_pairs
+    n_contam = n_contaminated(params)
     n_exact = int(round(params.exact_dup_rate * n))
     n_near = int(round(params.near_dup_rate * n))
-    n_orig = max(1, n - n_exact - n_near)
-    n_exact = min(n_exact, n - n_orig)
-    n_near = n - n_orig - n_exact
+    n_orig = max(1, n - n_contam - n_exact - n_near)
+    n_exact = min(n_exact, n - n_contam - n_orig)
+    n_near = n - n_contam - n_orig - n_exact
     probs = concept_probabilities(params)
     langs = list(params.lang_weights)
     lang_p = np.array([params.lang_weights[x] for x in langs], dtype=float)
@@ -196,6 +257,9 @@ def _plan_rows(params: WebParams) -> list[_Row]:
         if dup.dup_kind == "near":
             dup.variant = str(plan_rng.choice(["reencode", "resize", "crop"]))
         rows.append(dup)
+    # Copies of held-out images come last: no failure mode (they must reach the crawl) and no duplicates of them
+    # (every copy is labelled with the one held-out image it shows).
+    rows.extend(_contamination_rows(params, n_contam, len(rows)))
 
     for r in rows:
         crng = _rng(params.seed, "caption", r.index)
@@ -218,10 +282,8 @@ def _write_heldout(out: Path, params: WebParams) -> list[str]:
         name = V.class_name(kind, colour)
         class_names.append(name)
         for j in range(params.heldout_per_class):
-            rng = _rng(params.seed, "heldout", ci * 100003 + j)
-            row = _scene_row(params, rng, j, ci)
-            _atomic_write(out / "heldout" / name.replace(" ", "_") / f"h{ci:03d}_{j:04d}.jpg",
-                          encode_jpeg(render(_scene(row), rng)))
+            _atomic_write(out / "heldout" / name.replace(" ", "_") / f"{heldout_id(ci, j)}.jpg",
+                          _heldout_image(params, ci, j)[1])
     meta = {"class_names": class_names, "templates": HELDOUT_TEMPLATES}
     _atomic_write(out / "heldout" / "classes.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
     return class_names
@@ -241,7 +303,13 @@ def _write_images(out: Path, params: WebParams, rows: list[_Row]) -> dict[str, d
     bomb_written = html_written = False
     for r in sorted(rows, key=lambda x: x.index):  # originals before their duplicates
         route: dict = {"mode": r.failure_mode}
-        if r.dup_kind == "exact":
+        if r.contaminates:
+            r.file = f"images/copy/{r.pair_id}.jpg"
+            data = K.transform_copy(_heldout_image(params, *r.heldout_of)[1], r.contamination_transform,
+                                    _rng(params.seed, "contaminate", r.index))
+            r.width, r.height = Image.open(io.BytesIO(data)).size  # what is served, after resizing or cropping
+            _atomic_write(out / r.file, data)
+        elif r.dup_kind == "exact":
             r.file = by_index[r.dup_of].file  # the very same bytes, served at another URL
         elif r.dup_kind == "near":
             r.file = f"images/near/{r.pair_id}.jpg"
@@ -284,6 +352,8 @@ def _pairs_table(rows: list[_Row], base_url: str) -> pa.Table:
         "caption_kind": [r.caption_kind for r in rows],
         "dup_kind": [r.dup_kind for r in rows],
         "dup_of": _dup_ids(rows),
+        "contaminates": [r.contaminates for r in rows],
+        "contamination_transform": [r.contamination_transform for r in rows],
         "pair_id": [r.pair_id for r in rows],
         "path": [r.path for r in rows],
         "kind": [r.kind.name for r in rows],
@@ -383,6 +453,11 @@ def generate_web(out_dir: str | os.PathLike, n_pairs: int, seed: int = 0, *, bas
         "caption_kinds": _counts(table.column("caption_kind").to_pylist()),
         "duplicates": _counts([d or "none" for d in table.column("dup_kind").to_pylist()]),
         "concepts": _counts(table.column("concept").to_pylist()),
+        "contamination": {
+            "rows": sum(1 for r in rows if r.contaminates),
+            "heldout_images": len({r.contaminates for r in rows if r.contaminates}),
+            "transforms": _counts([r.contamination_transform for r in rows if r.contaminates]),
+        },
     }
     _atomic_write(summary_path, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
     return paths
