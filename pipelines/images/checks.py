@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from pipelines.decontam.hashing import PHASH_SIZE
+from pipelines.images.fast_hash import DECODES
 
 # Reject reasons of the images stage (stable strings: they are counted in the manifest funnel).
 DECODE_ERROR = "decode_error"
@@ -41,14 +42,20 @@ def sha256_hex(data: bytes) -> str:
 
 
 def inspect_image(data: bytes, *, max_pixels: int = 64_000_000, reduced: bool = False,
-                  hash_side: int = PHASH_SIZE) -> ImageInfo:
-    """Decode ``data`` fully and report its size, or the failure reason.
+                  hash_side: int = PHASH_SIZE, decode: str = "exact") -> ImageInfo:
+    """Decode ``data`` and report its size, or the failure reason.
 
     The header's size is checked against ``max_pixels`` before any pixel is decoded (decompression bombs).
-    ``reduced`` decodes a JPEG at the smallest DCT scale >= ``hash_side`` px, greyscale (``Image.draft``): about
-    2x faster to decode and still a full integrity check (every entropy-coded block is read), but pHash then
-    differs from imagehash's in a few bits on many images (docs/benchmarks_images.md), so it is off by default.
+    ``decode`` (``pipelines.images.fast_hash.DECODES``) says how a JPEG is decoded for hashing: ``"exact"`` fully
+    (hashes equal imagehash's), ``"luma"`` its luma channel at full size, ``"reduced"`` (or ``reduced=True``) luma
+    at the smallest DCT scale >= ``hash_side`` px (``Image.draft``). Every mode reads every entropy-coded block, so
+    each is a full integrity check; the faster ones change pHash in a few bits on some images
+    (docs/benchmarks_images.md). ``width``/``height`` are always the stored image's size.
     """
+    if reduced:
+        decode = "reduced"
+    if decode not in DECODES:
+        raise ValueError(f"inspect_image: decode must be one of {DECODES}, got {decode!r}")
     if not data:
         return ImageInfo(0, 0, None, None, DECODE_ERROR)
     try:
@@ -59,8 +66,10 @@ def inspect_image(data: bytes, *, max_pixels: int = 64_000_000, reduced: bool = 
             if width * height > max_pixels:
                 return ImageInfo(width, height, img.format, None, TOO_LARGE)
             fmt = img.format
-            if reduced and fmt == "JPEG":
+            if fmt == "JPEG" and decode == "reduced":
                 img.draft("L", (hash_side, hash_side))
+            elif fmt == "JPEG" and decode == "luma":
+                img.draft("L", (width, height))  # libjpeg skips chroma IDCT, upsampling and colour conversion
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return ImageInfo(0, 0, None, None, TOO_LARGE)

@@ -2,9 +2,10 @@
 
 imagehash spends most of its time in Pillow's LANCZOS resize (a 256 px image shrunk to 32x32 reads ~49 source
 pixels per output, in scalar C) and in the full RGB decode; the DCT is small. Here the resize is the same
-fixed-point arithmetic as Pillow's ``Resample.c`` expressed as two matrix products per image group (horizontal pass,
-round to uint8, vertical pass, round), so BLAS does it, and pHash (32x32) and dHash (9x8) share one horizontal
-product. The DCT, median and threshold run once per batch (``pipelines.decontam.hashing``).
+fixed-point arithmetic as Pillow's ``Resample.c`` expressed as two matrix products per group of same-sized images
+(horizontal pass, round to uint8, vertical pass, round), so BLAS does it, bit-equal to Pillow, and pHash (32x32)
+and dHash (9x8) share one horizontal product. The DCT, median and threshold run once per batch
+(``pipelines.decontam.hashing``).
 
 Three decodes, chosen by ``decode`` (measured in docs/benchmarks_images.md):
 
@@ -33,6 +34,7 @@ from PIL import Image
 from pipelines.decontam.hashing import PHASH_SIZE, dhash64_from_grey, phash64_from_grey
 
 DECODES = ("exact", "luma", "reduced")
+REDUCED_MIN_SIDE = 64  # "reduced": smallest JPEG scale keeping both sides >= this (32 measured far worse)
 DHASH_W, DHASH_H = 9, 8  # imagehash.dhash(hash_size=8) resizes to (9, 8)
 PRECISION_BITS = 32 - 8 - 2  # Pillow Resample.c, 8 bits per channel
 _HALF = float(1 << (PRECISION_BITS - 1))
@@ -73,29 +75,32 @@ def lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
     filterscale = max(scale, 1.0)
     support = LANCZOS_SUPPORT * filterscale
     ss = 1.0 / filterscale
+    center = (np.arange(out_size) + 0.5) * scale
+    # C's (int) cast truncates toward zero; Pillow then clamps the window to the image.
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    xmax = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
+    x = xmin[:, None] + np.arange(int((xmax - xmin).max()))[None, :]
+    inside = x < xmax[:, None]
+    w = np.where(inside, _lanczos((x - center[:, None] + 0.5) * ss), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.divide(w, total, out=w, where=total != 0.0)
+    fixed = np.trunc(w * (1 << PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
     m = np.zeros((out_size, in_size))
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size)
-        w = _lanczos((np.arange(xmin, xmax) - center + 0.5) * ss)
-        total = w.sum()
-        if total != 0.0:
-            w = w / total
-        m[xx, xmin:xmax] = np.trunc(w * (1 << PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
+    rows = np.broadcast_to(np.arange(out_size)[:, None], x.shape)
+    m[rows[inside], x[inside]] = fixed[inside]
     return m
 
 
 @lru_cache(maxsize=1024)
-def _horizontal(width: int, dtype: str) -> np.ndarray:
+def _horizontal(width: int) -> np.ndarray:
     # One product serves both hashes: columns 0..31 for pHash, 32..40 for dHash.
     both = np.concatenate([lanczos_matrix(width, PHASH_SIZE), lanczos_matrix(width, DHASH_W)])
-    return np.ascontiguousarray(both.T.astype(dtype))
+    return np.ascontiguousarray(both.T)
 
 
 @lru_cache(maxsize=1024)
-def _vertical(height: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    return lanczos_matrix(height, PHASH_SIZE).astype(dtype), lanczos_matrix(height, DHASH_H).astype(dtype)
+def _vertical(height: int) -> tuple[np.ndarray, np.ndarray]:
+    return lanczos_matrix(height, PHASH_SIZE), lanczos_matrix(height, DHASH_H)
 
 
 def _round_clip(acc: np.ndarray) -> np.ndarray:
@@ -104,25 +109,25 @@ def _round_clip(acc: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255, out=out)
 
 
-def resize_for_hashes(grey: np.ndarray, exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(n, h, w) uint8 grey images of one size -> ((n, 32, 32), (n, 8, 9)) uint8, as Pillow's LANCZOS resize.
+def resize_for_hashes(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, h, w) uint8 grey images of one size -> ((n, 32, 32), (n, 8, 9)) uint8, bit-equal to Pillow's LANCZOS.
 
-    ``exact`` uses float64 (every sum is an exact integer: bit-equal to Pillow); otherwise float32, about twice as
-    fast, which can move a value across a rounding boundary in rare cases.
+    float64 on purpose: every product and sum is an integer below 2**53, so the result is exact whatever order
+    BLAS sums in, hence the same on every machine and for every batch composition (float32 would be faster but
+    its rounding would depend on the BLAS kernel and on which images share a product).
     """
     g = np.asarray(grey)
     if g.ndim != 3 or g.dtype != np.uint8:
         raise ValueError(f"resize_for_hashes: expected (n, h, w) uint8, got {g.dtype} {g.shape}")
     n, h, w = g.shape
-    dtype = "float64" if exact else "float32"
-    tmp = _round_clip(g.reshape(n * h, w).astype(dtype) @ _horizontal(w, dtype)).reshape(n, h, -1)
-    vp, vd = _vertical(h, dtype)
+    tmp = _round_clip(g.reshape(n * h, w).astype(np.float64) @ _horizontal(w)).reshape(n, h, -1)
+    vp, vd = _vertical(h)
     small_p = _round_clip(np.matmul(vp, tmp[:, :, :PHASH_SIZE])).astype(np.uint8)
     small_d = _round_clip(np.matmul(vd, tmp[:, :, PHASH_SIZE:])).astype(np.uint8)
     return small_p, small_d
 
 
-def hashes_from_grey(greys: Sequence[np.ndarray], exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def hashes_from_grey(greys: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """pHash and dHash (uint64) of 2-D uint8 grey arrays of any sizes; images of one size share the products."""
     n = len(greys)
     if n == 0:
@@ -136,7 +141,7 @@ def hashes_from_grey(greys: Sequence[np.ndarray], exact: bool = True) -> tuple[n
                              f"{g.shape}")
         by_shape[g.shape].append(i)
     for idx in by_shape.values():
-        p, d = resize_for_hashes(np.stack([greys[i] for i in idx]), exact=exact)
+        p, d = resize_for_hashes(np.stack([greys[i] for i in idx]))
         small_p[idx], small_d[idx] = p, d
     return phash64_from_grey(small_p), dhash64_from_grey(small_d)
 
@@ -146,7 +151,8 @@ def grey_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
 
 
-def open_for_hash(data: bytes, decode: str = "exact", reduced_min_side: int = 64) -> tuple[Image.Image, tuple[int, int]]:
+def open_for_hash(data: bytes, decode: str = "exact",
+                  reduced_min_side: int = REDUCED_MIN_SIDE) -> tuple[Image.Image, tuple[int, int]]:
     """Decode image bytes for hashing -> (image, stored (width, height)); raises what Pillow raises on bad bytes.
 
     ``luma``/``reduced`` set a JPEG's draft mode before loading: every entropy-coded block is still read, so a
@@ -163,12 +169,13 @@ def open_for_hash(data: bytes, decode: str = "exact", reduced_min_side: int = 64
     return img, size
 
 
-def hashes_from_images(images: Sequence[Image.Image], exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """pHash and dHash (uint64) of decoded PIL images (as :func:`open_for_hash` returns them)."""
-    return hashes_from_grey([grey_array(im) for im in images], exact=exact)
+def hashes_from_images(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    """pHash and dHash (uint64) of decoded PIL images; for fully decoded images they equal imagehash's."""
+    return hashes_from_grey([grey_array(im) for im in images])
 
 
-def hashes_from_jpeg_bytes(datas: Sequence[bytes], decode: str = "luma", reduced_min_side: int = 64) -> HashBatch:
+def hashes_from_jpeg_bytes(datas: Sequence[bytes], decode: str = "luma",
+                           reduced_min_side: int = REDUCED_MIN_SIDE) -> HashBatch:
     """pHash, dHash, width and height of each image's bytes (JPEG or anything Pillow reads).
 
     ``decode="exact"`` gives imagehash's hashes bit for bit; ``"luma"`` (default) and ``"reduced"`` are faster
@@ -186,5 +193,5 @@ def hashes_from_jpeg_bytes(datas: Sequence[bytes], decode: str = "luma", reduced
         images.append(img)
         widths.append(w)
         heights.append(h)
-    ph, dh = hashes_from_images(images, exact=decode == "exact")
+    ph, dh = hashes_from_images(images)
     return HashBatch(ph, dh, np.array(widths, np.int64), np.array(heights, np.int64))

@@ -42,7 +42,8 @@ class ImagesConfig:
     near_dup_radius: int = 4  # pHash Hamming radius; < 0 switches near dedup off
     pool_files: int = 1  # number of samples-*.parquet files (rows spread by uid)
     batch_size: int = 256  # images hashed per numpy batch
-    reduced_decode: bool = False  # JPEG draft decode: faster, but pHash no longer bit-equal to imagehash
+    exact_hashes: bool = True  # pHash/dHash bit-equal to imagehash (full decode); False: JPEG luma-only decode
+    reduced_decode: bool = False  # with exact_hashes=False: luma at a reduced JPEG scale (fastest, least faithful)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ImagesConfig":
@@ -51,6 +52,11 @@ class ImagesConfig:
         if unknown:
             raise ValueError(f"images config: unknown key(s) {sorted(unknown)}")
         return cls(**d)
+
+    def __post_init__(self):
+        from pipelines.images.transforms import hash_decode
+
+        hash_decode(self.exact_hashes, self.reduced_decode)  # a contradictory pair fails here, before any work
 
 
 def pipeline_options(pipeline_args: Sequence[str] | None = None) -> PipelineOptions:
@@ -147,7 +153,7 @@ def process_images(crawl_dir: str, pool_dir: str, cfg: ImagesConfig | dict | Non
     with beam.Pipeline(options=pipeline_options(pipeline_args)) as p:
         records = p | "ReadCrawl" >> ReadCrawl(crawl_dir)
         checked = records | "CheckImages" >> CheckImages(cfg.min_side, cfg.max_aspect, cfg.max_pixels, cfg.batch_size,
-                                                          cfg.reduced_decode)
+                                                          cfg.reduced_decode, cfg.exact_hashes)
         exact = checked[OK] | "ExactDedup" >> ExactDedup()
         near = exact[OK] | "NearDedup" >> NearDedup(cfg.near_dup_radius)
         every = ((near[OK], near[REJECTED], exact[REJECTED], checked[REJECTED]) | "AllRows" >> beam.Flatten())

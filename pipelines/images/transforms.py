@@ -1,7 +1,7 @@
 """Beam composite transforms of the images stage: read the crawl, check images, exact and near dedup, rebalance.
 
 Each transform wraps pure functions (``checks``, ``near_dedup``, ``pipelines.balance``, the batched hashes of
-``pipelines.decontam.hashing``). Records are dicts shaped like ``schemas.sample`` rows (plus ``image`` bytes until
+``pipelines.images.fast_hash``). Records are dicts shaped like ``schemas.sample`` rows (plus ``image`` bytes until
 the checks drop them). Transforms that reject return a tagged result with ``ok`` and ``rejected`` outputs, and a
 rejected row always carries ``stage`` and ``reason``, so the funnel adds up.
 """
@@ -14,8 +14,7 @@ import numpy as np
 from apache_beam import pvalue
 
 from pipelines import balance
-from pipelines.decontam.hashing import dhash64_batch, phash64_batch
-from pipelines.images import checks, near_dedup
+from pipelines.images import checks, fast_hash, near_dedup
 from pipelines.images.crawl_reader import crawl_shards, final_outcomes, read_crawl_shard
 
 OK, REJECTED = "ok", "rejected"
@@ -43,10 +42,18 @@ class ReadCrawl(beam.PTransform):
                 | "ReadShard" >> beam.FlatMap(read_crawl_shard, outcomes))
 
 
+def hash_decode(exact_hashes: bool, reduced_decode: bool) -> str:
+    """The ``fast_hash`` decode the two config switches select; a contradictory pair is a clear error."""
+    if reduced_decode and exact_hashes:
+        raise ValueError("images config: reduced_decode=True cannot give exact hashes; set exact_hashes=False "
+                         "as well (pHash then differs from imagehash's in a few bits on some images)")
+    return "exact" if exact_hashes else "reduced" if reduced_decode else "luma"
+
+
 class _CheckBatch(beam.DoFn):
-    def __init__(self, min_side: int, max_aspect: float, max_pixels: int, reduced_decode: bool):
+    def __init__(self, min_side: int, max_aspect: float, max_pixels: int, decode: str):
         self.min_side, self.max_aspect, self.max_pixels = min_side, max_aspect, max_pixels
-        self.reduced_decode = reduced_decode
+        self.decode = decode
 
     def process(self, batch: Sequence[dict]):
         good, images = [], []
@@ -61,7 +68,8 @@ class _CheckBatch(beam.DoFn):
             if rec.get("image") is None:
                 yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", checks.MISSING_IMAGE))
                 continue
-            info = checks.inspect_image(rec["image"], max_pixels=self.max_pixels, reduced=self.reduced_decode)
+            info = checks.inspect_image(rec["image"], max_pixels=self.max_pixels, decode=self.decode,
+                                        hash_side=fast_hash.REDUCED_MIN_SIDE)
             if info.error:
                 yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", info.error))
                 continue
@@ -80,7 +88,9 @@ class _CheckBatch(beam.DoFn):
                 good.append(row)
                 images.append(info.image)
         if good:
-            for row, ph, dh in zip(good, phash64_batch(images), dhash64_batch(images)):
+            # One decode per image serves the size checks and both hashes; the resize and DCT run per batch.
+            phashes, dhashes = fast_hash.hashes_from_images(images)
+            for row, ph, dh in zip(good, phashes, dhashes):
                 row["phash"], row["dhash"] = int(ph), int(dh)
                 yield row
 
@@ -88,19 +98,22 @@ class _CheckBatch(beam.DoFn):
 class CheckImages(beam.PTransform):
     """Crawl failures, decode errors, too small, bad aspect -> ``rejected``; the rest get sha256/pHash/dHash.
 
-    Hashes are computed per batch (one DCT for the batch); with the default full decode they equal imagehash's.
+    Hashes are computed per batch (``fast_hash``: resize as matrix products, one DCT for the batch). With
+    ``exact_hashes`` (default) they equal imagehash's bit for bit; ``exact_hashes=False`` decodes a JPEG's luma only
+    (faster; a few bits differ on some images), and with ``reduced_decode`` at a reduced JPEG scale (fastest,
+    least faithful). Measured in docs/benchmarks_images.md.
     """
 
     def __init__(self, min_side: int = 32, max_aspect: float = 3.0, max_pixels: int = 64_000_000,
-                 batch_size: int = 256, reduced_decode: bool = False):
+                 batch_size: int = 256, reduced_decode: bool = False, exact_hashes: bool = True):
         super().__init__()
         self.min_side, self.max_aspect, self.max_pixels, self.batch_size = min_side, max_aspect, max_pixels, batch_size
-        self.reduced_decode = reduced_decode
+        self.decode = hash_decode(exact_hashes, reduced_decode)
 
     def expand(self, records):
         return (records
                 | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
-                | "Check" >> beam.ParDo(_CheckBatch(self.min_side, self.max_aspect, self.max_pixels, self.reduced_decode))
+                | "Check" >> beam.ParDo(_CheckBatch(self.min_side, self.max_aspect, self.max_pixels, self.decode))
                 .with_outputs(REJECTED, main=OK))
 
 
