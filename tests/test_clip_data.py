@@ -80,16 +80,31 @@ def test_bad_samples_are_skipped_with_reason(tmp_path, tokenizer, capsys):
     write_shards(good, tmp_path, samples_per_shard=20)
     # Append a corrupt image and a sample without caption to the shard.
     shard = tmp_path / "00000.tar"
+    truncated = good[1].jpeg[: len(good[1].jpeg) // 2]
+    members = (("zbad.jpg", b"not a jpeg"), ("zbad.txt", b"caption"), ("znocap.jpg", good[0].jpeg),
+               ("ztrunc.jpg", truncated), ("ztrunc.txt", b"half an image"))
     with tarfile.open(shard, "a") as tar:
-        for name, data in (("zbad.jpg", b"not a jpeg"), ("zbad.txt", b"caption"), ("znocap.jpg", good[0].jpeg)):
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     batches = _batches([str(shard)], tokenizer, steps=3)
     assert len(batches) == 3
     err = capsys.readouterr().err
-    assert "undecodable image" in err and "zbad" in err
-    assert "lacks an image or a .txt caption" in err
+    assert "unreadable image header" in err and "zbad" in err
+    assert "undecodable image" in err and "ztrunc" in err
+    assert "lacks an image or a .txt caption" in err and "znocap" in err
+    # Samples rejected by the header/caption checks do not break exact resumption.
+    bad_header_only = tmp_path / "header_only"
+    write_shards(good, bad_header_only, samples_per_shard=20)
+    with tarfile.open(bad_header_only / "00000.tar", "a") as tar:
+        for name, data in members[:3]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    full = _batches([str(bad_header_only / "00000.tar")], tokenizer, steps=3)
+    resumed = _batches([str(bad_header_only / "00000.tar")], tokenizer, steps=3, skip=2)
+    assert torch.equal(full[2][0], resumed[0][0]) and torch.equal(full[2][1], resumed[0][1])
 
 
 def test_transforms_normalise_and_crop():
