@@ -383,19 +383,63 @@ def synthweb(out: Path = typer.Option(..., "--out", help="Directory of the synth
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the demo writes everything."),
          n_pairs: int = typer.Option(3000, help="Pairs in the synthetic web."),
          t: float = typer.Option(150, "--t", help="Balancing threshold (small web, small t)."),
-         samples_per_shard: int = typer.Option(500), seed: int = typer.Option(0)):
-    """Build a dataset from the synthetic web end to end and print a summary."""
+         samples_per_shard: int = typer.Option(500), seed: int = typer.Option(0),
+         steps: int = typer.Option(300, help="Training steps of the tiny CLIP (0: build only)."),
+         batch_size: int = typer.Option(64, help="Training batch size.")):
+    """The end-to-end run on the synthetic web: build -> audit -> train -> evaluate -> report."""
     from flows.build import build_dataset
-    from flows.demo import demo_build_config, prepare_web
+    from flows.demo import demo_build_config, demo_e2e_config, prepare_web
     from pipelines.synthweb import SynthWebServer
 
     out.mkdir(parents=True, exist_ok=True)
     web = prepare_web(out, n_pairs, seed)
     with SynthWebServer(web["root"]) as server:
         server.materialise_url_list()
-        cfg = demo_build_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed)
-        summary = build_dataset(cfg)
-    print_build_summary(summary)
+        if steps <= 0:
+            summary = build_dataset(demo_build_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed))
+            print_build_summary(summary)
+            return
+        from flows.train import end_to_end
+
+        result = end_to_end(demo_e2e_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed,
+                                            steps=steps, batch_size=batch_size))
+    print_build_summary(result["build"])
+    print_eval_summary(result["evaluation"])
+    typer.echo(f"report: {result['report']}")
+
+
+@app.command()
+def e2e(config: Path = typer.Option(..., "--config", help="End-to-end YAML (see infra/e2e.example.yaml).")):
+    """Raw URLs -> dataset -> audit -> trained CLIP -> evaluation -> report, from one YAML file."""
+    import dataclasses
+
+    from flows.train import EndToEndConfig, end_to_end
+
+    try:
+        cfg = EndToEndConfig.from_yaml(config)
+    except (OSError, ValueError, TypeError) as exc:
+        _fail(str(exc).splitlines()[0])
+    _preflight(_build_cfg_of(cfg))
+    result = _run_user(end_to_end, dataclasses.asdict(cfg))
+    print_build_summary(result["build"])
+    print_eval_summary(result["evaluation"])
+    typer.echo(f"report: {result['report']}")
+
+
+def _build_cfg_of(cfg):
+    from flows.train import build_config_from
+
+    try:
+        return build_config_from(cfg)
+    except TypeError as exc:
+        _fail(f"build section: {exc}")
+
+
+def print_eval_summary(evaluation: dict) -> None:
+    for name, r in evaluation.get("eval_sets", {}).items():
+        extra = f", linear probe {100 * r['linear_probe_top1']:.1f}%" if r.get("linear_probe_top1") is not None else ""
+        typer.echo(f"{name}: zero-shot top-1 {100 * r['zeroshot_top1']:.1f}%, top-5 {100 * r['zeroshot_top5']:.1f}%, "
+                   f"mean per-class recall {100 * r['mean_per_class_recall']:.1f}% (n = {r['n']}){extra}")
 
 
 # ---------------------------------------------------------------------------------------------- serve

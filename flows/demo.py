@@ -35,3 +35,20 @@ def demo_build_config(out: Path, web: dict, *, t: float, samples_per_shard: int,
                "thread_count": 16, "processes": 1, "image_size": 128, "number_sample_per_shard": 2000},
         images={"min_side": 24},
         eval_sets=[f"synth:{web['root']}"], samples_per_shard=samples_per_shard, seed=seed)
+
+
+def demo_e2e_config(out: Path, web: dict, *, t: float, samples_per_shard: int, seed: int, steps: int,
+                    batch_size: int) -> dict:
+    """The end_to_end flow's configuration for the demo (CPU-sized: a tiny CLIP for a few hundred steps)."""
+    import dataclasses
+
+    bcfg = demo_build_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed)
+    build = dataclasses.asdict(bcfg)
+    build["curate"]["langs"] = list(bcfg.curate.langs)
+    return {
+        "out": str(out),
+        "build": build,
+        "train": {"model": "tiny", "steps": steps, "batch_size": batch_size, "seed": seed, "save_every": 100},
+        "evaluate": {"linear_probe": True},
+        "audit": {},
+    }

@@ -66,3 +66,26 @@ def synth_web_small(tmp_path_factory):
         QL.save(qlist, str(root / "ql.parquet"))
         yield {"root": root / "web", "pairs": paths["pairs_parquet"], "querylist": root / "ql.parquet",
                "server": server}
+
+
+def synth_build_config(web, out, **kw):
+    """The build configuration the flow tests share (a small, fast crawl of the session's synthetic web)."""
+    from flows.build import BuildConfig
+    from pipelines.curate_steps import CurateParams
+
+    return BuildConfig(
+        inputs=[str(web["pairs"])], querylist=str(web["querylist"]), out=str(out),
+        curate=CurateParams(t=kw.pop("t", 10_000), langs=()),
+        crawl={"allow_cidrs": ("127.0.0.1/32",), "timeout": 1.5, "max_download_seconds": 3.0, "retries": 0,
+               "thread_count": 16, "image_size": 96},
+        images={"min_side": 16}, eval_sets=[f"synth:{web['root']}"], samples_per_shard=40, **kw)
+
+
+@pytest.fixture(scope="session")
+def synth_build(prefect_server, synth_web_small, tmp_path_factory):
+    """One build of the session's synthetic web (with decontamination against its held-out split)."""
+    from flows.build import build_dataset
+
+    out = tmp_path_factory.mktemp("build")
+    summary = build_dataset(synth_build_config(synth_web_small, out))
+    return out, summary

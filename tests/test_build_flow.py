@@ -19,14 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def make_cfg(web, out, **kw):
-    from flows.build import BuildConfig
+    from tests.conftest import synth_build_config
 
-    return BuildConfig(
-        inputs=[str(web["pairs"])], querylist=str(web["querylist"]), out=str(out),
-        curate=CurateParams(t=kw.pop("t", 10_000), langs=()),
-        crawl={"allow_cidrs": ("127.0.0.1/32",), "timeout": 1.5, "max_download_seconds": 3.0, "retries": 0,
-               "thread_count": 16, "image_size": 96},
-        images={"min_side": 16}, samples_per_shard=40, **kw)
+    return synth_build_config(web, out, **kw)
 
 
 def shard_bytes(shards_dir):
@@ -39,12 +34,8 @@ def all_rejected(out):
 
 
 @pytest.fixture(scope="module")
-def built(prefect_server, synth_web_small, tmp_path_factory):
-    from flows.build import build_dataset
-
-    out = tmp_path_factory.mktemp("build")
-    summary = build_dataset(make_cfg(synth_web_small, out))
-    return out, summary
+def built(synth_build):
+    return synth_build
 
 
 def test_every_row_ends_in_one_place_with_the_right_reason(built, synth_web_small):
@@ -74,6 +65,12 @@ def test_every_row_ends_in_one_place_with_the_right_reason(built, synth_web_smal
             continue
         assert [r["reason"] for r in rows if r["stage"] == "crawl"] == [expected], (mode, rows)
         checked.add(mode)
+    # planted copies of held-out images are dropped by decontamination (recall on the web's ground truth)
+    planted = [r["url"] for r in raw if r.get("contaminates")]
+    dropped = {r["url"] for r in rejected if r["stage"] == "decontam"}
+    assert planted and sum(u in dropped for u in planted) >= 0.8 * len(planted), (planted, dropped)
+    assert not (set(planted) & in_shards) or len(set(planted) & in_shards) <= 0.2 * len(planted)
+    assert manifest["decontam"]["n_dropped"] == len(dropped)
     assert checked >= {"http_404", "http_500", "timeout", "truncated", "corrupt", "not_image", "redirect_private",
                        "bomb", "opt_out_noai"}, checked
 
@@ -108,6 +105,7 @@ def test_kill_and_rerun_gives_identical_output(built, synth_web_small, tmp_path,
     cmd = [sys.executable, "-m", "flows.cli", "build", "-i", str(synth_web_small["pairs"]),
            "-q", str(synth_web_small["querylist"]), "-o", str(out), "--allow-cidr", "127.0.0.1/32",
            "--t", "10000", "--langs", "", "--samples-per-shard", "40", "--image-size", "96", "--timeout", "1.5",
+           "--eval-set", f"synth:{synth_web_small['root']}",
            "--config", str(_yaml(tmp_path))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
