@@ -5,10 +5,14 @@ transform family of pipelines.decontam.augment applied to random evaluation imag
 images of classes 5-9 (dog, frog, horse, ship, truck; half of them also transformed), which are same-distribution
 look-alikes (cat/dog, automobile/truck, airplane/ship, deer/horse) yet cannot be true duplicates of the evaluation
 images, since CIFAR duplicates share their class. Reports precision/recall per transform for (a) one pHash at
-radius 8 and (b) the detector (stage 1 alone and with verification), then runs the detector on all 10,000 test
-images vs all 50,000 training images and writes an HTML page with a sample of the pairs.
+radius 8 and (b) the detector, component by component: hash candidates, + the hand-made check (the default
+detector), the learned check (CLIP appendix C, trained here on the evaluation thumbnails) alone and on top of the
+hand check. A planted copy matched to an evaluation image that is itself a near-duplicate of its source (found by
+the same detector inside the evaluation set) is counted apart, not as a false positive. Then runs the default
+detector on all 10,000 test images vs all 50,000 training images and writes an HTML page with a sample of pairs.
 
 usage: python benchmarks/dedup_quality.py [--per-transform 150] [--distractors 10000] [--out OUT_DIR] [--no-overlap]
+       [--no-learned] [--learn-steps 400] [--net PATH (reuse/save the learned net)] [--radius R]
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from pipelines.decontam import augment  # noqa: E402
 from pipelines.decontam.audit import _thumb_b64  # noqa: E402
 from pipelines.decontam.detector import DetectorConfig, EvalIndex, match_batch  # noqa: E402
-from pipelines.decontam.learned import LearnedConfig  # noqa: E402
+from pipelines.decontam.learned import LearnedConfig, NearDupEmbedder  # noqa: E402
 from pipelines.decontam.hashing import phash64_batch  # noqa: E402
 from pipelines.decontam.mih import MultiIndexHash  # noqa: E402
 from pipelines.evalsets import load_eval_set  # noqa: E402
@@ -64,7 +68,7 @@ def run_matching(index, keys, imgs, cfg):
 
 
 COLUMNS = [("phash_r8", "pHash r8"), ("stage1", "hash candidates"), ("hand", "+ hand check"),
-           ("learned_only", "+ learned check only"), ("detector", "+ hand + learned (detector)")]
+           ("learned_only", "+ learned check only"), ("detector", "+ hand + learned")]
 
 
 def table(rows, cols) -> list[str]:
@@ -85,6 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-overlap", action="store_true", help="skip the full CIFAR-10 train-vs-test run")
     ap.add_argument("--no-learned", action="store_true", help="skip training the learned near-duplicate net")
     ap.add_argument("--learn-steps", type=int, default=LearnedConfig().steps)
+    ap.add_argument("--radius", type=int, default=DetectorConfig().radius)
+    ap.add_argument("--net", help="reuse the learned net saved at this path (trained and saved there if absent)")
     a = ap.parse_args(argv)
     conv = shared_data() / "cifar10" / "to_python_format.py"
     if not conv.exists():
@@ -93,7 +99,9 @@ def main(argv=None) -> None:
     subprocess.run([sys.executable, str(conv), tmp], check=True, capture_output=True)
     test, train = load_eval_set(f"cifar10:{tmp}"), load_eval_set(f"cifar10:{tmp}:train")
     rng = np.random.default_rng(a.seed)
-    cfg = DetectorConfig()
+    # The default detector is hashes + hand check (learned=False); the learned check is switched on here so that one
+    # run scores every candidate with both checks.
+    cfg = DetectorConfig(radius=a.radius, learned=not a.no_learned)
     hand_cfg = replace(cfg, learned=False)
 
     eval_rows = [i for i, lab in enumerate(test.labels) if lab < 5]
@@ -139,9 +147,15 @@ def main(argv=None) -> None:
     t_train = 0.0
     if not a.no_learned:
         t0 = time.perf_counter()
-        index.train_learned(LearnedConfig(steps=a.learn_steps), log=print)
-        t_train = time.perf_counter() - t0
-        print(f"learned near-duplicate net: {a.learn_steps} steps on {len(eval_rows)} thumbnails, {t_train:.0f} s")
+        if a.net and os.path.exists(a.net):
+            index.attach_learned(NearDupEmbedder.load(a.net))
+            print(f"learned near-duplicate net: loaded {a.net}")
+        else:
+            index.train_learned(LearnedConfig(steps=a.learn_steps), log=print)
+            t_train = time.perf_counter() - t0
+            print(f"learned near-duplicate net: {a.learn_steps} steps on {len(eval_rows)} thumbnails, {t_train:.0f} s")
+            if a.net:
+                index.embedder.save(a.net)
     # (b) the detector; every candidate keeps its hand-check verdict and its learned cosine, so each component's
     # contribution is read off the same run.
     t0 = time.perf_counter()
@@ -149,8 +163,12 @@ def main(argv=None) -> None:
     t_det = time.perf_counter() - t0
     groups: dict = {}
     for c in cands:
-        g = groups.setdefault((c["pool_key"], c["eval_id"]), {"hand": False, "cos": c.get("cos")})
+        g = groups.setdefault((c["pool_key"], c["eval_id"]), {"hand": False, "cos": c.get("cos"), "dmin": 99,
+                                                               "hand_d": 99})
         g["hand"] |= bool(c["passed"])
+        g["dmin"] = min(g["dmin"], c["distance"])
+        if c["passed"]:  # smallest hash distance at which the hand check passes (candidates come closest first)
+            g["hand_d"] = min(g["hand_d"], c["distance"])
     preds = {"phash_r8": base_pred, "stage1": set(groups),
              "hand": {k for k, g in groups.items() if g["hand"]},
              "detector": {(m.pool_key, m.eval_id) for m in matches}}
@@ -184,11 +202,25 @@ def main(argv=None) -> None:
             sweep.append({"min_cos": t, "learned_only": prf_row("ALL", keys, lo), "hand_and_learned":
                           prf_row("ALL", keys, both)})
 
+    # Smaller search radii, read off the same candidates (each group's candidates are checked closest first, so the
+    # candidates within a smaller radius are exactly a prefix of them).
+    radius_sweep = []
+    for r in range(4, cfg.radius + 1, 2):  # pHash distances are even (32 of 64 bits set)
+        st = {k for k, g in groups.items() if g["dmin"] <= r}
+        hd = {k for k, g in groups.items() if g["hand_d"] <= r}
+        row = {"radius": r, "stage1": prf_row("ALL", keys, st), "hand": prf_row("ALL", keys, hd)}
+        if not a.no_learned:
+            row["detector"] = prf_row("ALL", keys, {k for k in hd if groups[k]["cos"] >= cfg.min_cos})
+        radius_sweep.append(row)
+
     print(f"eval images {len(eval_rows)} (index {len(index.hashes):,} hashes, {t_index:.0f} s); planted "
           f"{len(truth)}; distractors {len(distractor_keys)}; detector {t_det:.0f} s, baseline {t_base:.1f} s\n")
     print("\n".join(table(rows, cols)))
     print(f"\nfalse matches on distractors: {dist_fp}; planted copies matched to an evaluation-set twin of their "
           f"source (not counted as false positives): {twin_counts}")
+    for rs in radius_sweep:
+        print(f"radius {rs['radius']}: " + " | ".join(f"{c} P {rs[c]['precision']:.3f} R {rs[c]['recall']:.3f}"
+                                                      for c in ("stage1", "hand", "detector") if c in rs))
     for sw in sweep:
         lo, hl = sw["learned_only"], sw["hand_and_learned"]
         print(f"min_cos {sw['min_cos']:.2f}: learned only P {lo['precision']:.3f} R {lo['recall']:.3f} | "
@@ -198,17 +230,15 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"rows": rows, "distractor_false_matches": dist_fp, "twin_matches": twin_counts,
               "eval_internal_pairs": len(twins) // 2, "n_eval": len(eval_rows), "n_distractors": len(distractor_keys),
-              "config": cfg.to_dict(), "learned_train_seconds": t_train, "min_cos_sweep": sweep,
+              "config": cfg.to_dict(), "learned_train_seconds": t_train, "min_cos_sweep": sweep, "radius_sweep": radius_sweep,
               "seconds": {"index": t_index, "twins": t_twins, "detector": t_det}}
     if not a.no_overlap:
         t0 = time.perf_counter()
-        full = EvalIndex.from_eval_sets([test])
-        if not a.no_learned:
-            full.train_learned(LearnedConfig(steps=a.learn_steps))
+        full = EvalIndex.from_eval_sets([test])  # the default detector (hashes + hand check)
         pairs = []
         for s in range(0, len(train), 2048):
             ids = list(range(s, min(s + 2048, len(train))))
-            m, _ = match_batch(full, [train.ids[i] for i in ids], [train.image(i) for i in ids], cfg)
+            m, _ = match_batch(full, [train.ids[i] for i in ids], [train.image(i) for i in ids], hand_cfg)
             pairs += m
         t_ov = time.perf_counter() - t0
         n_ov = len({m.eval_id for m in pairs})

@@ -1,7 +1,14 @@
 """Benchmark: multi-index Hamming search of 1,000,000 pool hashes against 100,000 evaluation hashes vs a vectorised
-brute-force scan (on a subset, same run, extrapolated linearly). Prints a markdown table.
+brute-force scan (on a subset of the pool, same run, extrapolated per pair). Prints a markdown table.
+
+Two ways to run the search, both exact (checked against the brute force on the subset):
+- streaming: the evaluation hashes are indexed and pool hashes probe them batch by batch (how the detector and the
+  Beam step run: the pool arrives as a stream);
+- join: both sides are known (an audit of an already hashed pool): the larger side (the pool) is indexed and the
+  evaluation hashes probe it (``mih.hamming_join``).
 
 usage: python benchmarks/dedup_search.py [--pool 1000000] [--eval 100000] [--radius R] [--brute-queries 2000]
+       [--blocks M] [--modes streaming,join]
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pipelines.decontam.detector import DetectorConfig  # noqa: E402
-from pipelines.decontam.mih import MultiIndexHash, brute_force_search  # noqa: E402
+from pipelines.decontam.mih import MultiIndexHash, brute_force_search, choose_blocks, hamming_join  # noqa: E402
 
 
 def flip_bits(h: np.ndarray, n_bits: np.ndarray, rng) -> np.ndarray:
@@ -25,6 +32,12 @@ def flip_bits(h: np.ndarray, n_bits: np.ndarray, rng) -> np.ndarray:
     return out
 
 
+def brute_per_pair(pool, eval_h, radius, nb) -> tuple[float, tuple]:
+    t0 = time.perf_counter()
+    res = brute_force_search(pool[:nb], eval_h, radius)
+    return (time.perf_counter() - t0) / (nb * len(eval_h)), res
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pool", type=int, default=1_000_000)
@@ -33,41 +46,51 @@ def main(argv=None) -> None:
     ap.add_argument("--brute-queries", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blocks", type=int, default=None)
+    ap.add_argument("--modes", default="streaming,join")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(a.seed)
-    # Eval hashes: groups of correlated variants (as the index holds ~50 variants per image, which share bits).
+    # Eval hashes: groups of correlated variants (as the index holds ~40 variants per image, which share bits).
     base = rng.integers(0, 2**64, a.eval // 50 + 1, dtype=np.uint64)
     eval_h = flip_bits(np.repeat(base, 50)[: a.eval], rng.integers(0, 12, a.eval), rng)
     pool = rng.integers(0, 2**64, a.pool, dtype=np.uint64)
     n_copies = a.pool // 100  # 1% of the pool are near copies of evaluation hashes
     pool[:n_copies] = flip_bits(eval_h[rng.integers(0, a.eval, n_copies)], rng.integers(0, a.radius + 3, n_copies), rng)
-
-    t0 = time.perf_counter()
-    mih = MultiIndexHash(eval_h, n_blocks=a.blocks, radius_hint=a.radius)
-    t_build = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    qi, ti, d = mih.search(pool, a.radius)
-    t_mih = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    mih_pool = MultiIndexHash(pool, n_blocks=a.blocks, radius_hint=a.radius)
-    qi2, ti2, _ = mih_pool.search(eval_h, a.radius)
-    t_mih_rev = time.perf_counter() - t0
+    pool = pool[rng.permutation(a.pool)]
 
     nb = a.brute_queries
-    t0 = time.perf_counter()
-    bq, bt, bd = brute_force_search(pool[:nb], eval_h, a.radius)
-    t_brute_sub = time.perf_counter() - t0
-    t_brute = t_brute_sub * a.pool / nb
-    sub = qi < nb
-    same = np.array_equal(np.sort(bq * a.eval + bt), np.sort(qi[sub] * a.eval + ti[sub]))
-    assert same, "MIH and brute force disagree on the subset"
-    assert len(qi) == len(qi2), "MIH in both directions must find the same pairs"
-    print(f"| pool hashes | eval hashes | radius | blocks | pairs found | MIH build | MIH search (pool->eval index) "
-          f"| MIH (eval->pool index, incl. build) | brute force ({nb} queries) | brute force, extrapolated | speed-up |")
+    # Brute force before and after the multi-index runs (the machine is shared: the mean of the two is used).
+    per_pair_1, (bq, bt, bd) = brute_per_pair(pool, eval_h, a.radius, nb)
+    want = np.sort(bq * a.eval + bt)
+    rows = []
+    for mode in a.modes.split(","):
+        t0 = time.perf_counter()
+        if mode == "streaming":
+            mih = MultiIndexHash(eval_h, n_blocks=a.blocks, radius_hint=a.radius)
+            t_build = time.perf_counter() - t0
+            pi, ei, d = mih.search(pool, a.radius)
+            blocks, radii = mih.n_blocks, mih.block_radii(a.radius)
+        elif mode == "join":
+            pi, ei, d = hamming_join(pool, eval_h, a.radius, n_blocks=a.blocks)
+            t_build = float("nan")  # included in the total
+            blocks = a.blocks or choose_blocks(max(a.pool, a.eval), a.radius)
+            radii = MultiIndexHash(pool[:1], n_blocks=blocks).block_radii(a.radius)
+        else:
+            sys.exit(f"unknown mode {mode!r} (streaming, join)")
+        t_total = time.perf_counter() - t0
+        sub = pi < nb
+        assert np.array_equal(np.sort(pi[sub] * a.eval + ei[sub]), want), f"{mode}: MIH != brute force on the subset"
+        rows.append((mode, blocks, radii, len(pi), t_build, t_total))
+    per_pair_2, _ = brute_per_pair(pool, eval_h, a.radius, nb)
+    per_pair = (per_pair_1 + per_pair_2) / 2
+    t_brute = per_pair * a.pool * a.eval
+    print(f"brute force: {nb} pool queries x {a.eval:,} eval hashes: {per_pair_1 * 1e9:.2f} / {per_pair_2 * 1e9:.2f} "
+          f"ns per pair (before / after); extrapolated to {a.pool:,} x {a.eval:,}: {t_brute:.0f} s\n")
+    print("| pool hashes | eval hashes | radius | mode | blocks | probe radii | pairs found | index build "
+          "| total search time | brute force, extrapolated | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {a.pool:,} | {a.eval:,} | {a.radius} | {mih.n_blocks} | {len(qi):,} | {t_build:.2f} s | {t_mih:.1f} s | "
-          f"{t_mih_rev:.1f} s | {t_brute_sub:.2f} s | {t_brute:.0f} s | {t_brute / (t_build + t_mih):.0f}x |")
+    for mode, blocks, radii, n, tb, tt in rows:
+        print(f"| {a.pool:,} | {a.eval:,} | {a.radius} | {mode} | {blocks} | {radii} | {n:,} | "
+              f"{'incl.' if tb != tb else f'{tb:.2f} s'} | {tt:.1f} s | {t_brute:.0f} s | {t_brute / tt:.0f}x |")
 
 
 if __name__ == "__main__":

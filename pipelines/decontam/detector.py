@@ -28,15 +28,19 @@ THUMB = 64  # side of the stored grey evaluation thumbnail used for re-alignment
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    radius: int = 10  # pHash Hamming radius of the candidate search
+    # pHash Hamming radius of the candidate search. pHash sets exactly 32 of 64 bits (greater than the median), so
+    # distances are even: 8 = 9. Measured on planted CIFAR-10 copies (docs/benchmarks_decontam.md), 8 keeps recall
+    # >= 0.95 with the hand check; 10 adds ~1.7 points of recall at 4-8x the search cost.
+    radius: int = 8
     n_blocks: int | None = None  # multi-index blocks; None = chosen from the index size
     max_checks: int = 6  # candidate variant pairs verified per (pool image, eval image), closest first
     verify: bool = True  # False = stage 1 only (every candidate within radius is a match)
     verify_cfg: VerifyConfig = field(default_factory=VerifyConfig)
     batch_size: int = 1024
     # Learned check (CLIP appendix C, :mod:`learned`): used when True and the index has a trained net attached;
-    # a candidate then also needs embedding cosine >= min_cos. False = hashes + hand-made check only.
-    learned: bool = True
+    # a candidate then also needs embedding cosine >= min_cos. Off by default: on planted CIFAR-10 copies it added
+    # no precision on top of the hand check and cost recall (docs/benchmarks_decontam.md).
+    learned: bool = False
     min_cos: float = 0.8
 
     def to_dict(self) -> dict:

@@ -35,7 +35,7 @@ class LearnedConfig:
     temperature: float = 0.07
     jpeg_frac: float = 0.3  # fraction of views re-encoded as JPEG (quality 10..40)
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # one thread: on a busy shared machine a second OpenMP thread mostly spins (measured 10x CPU)
 
 
 def _torch():

@@ -52,8 +52,8 @@ QUERY_VARIANTS: list[Variant] = [
 # Which eval variants a query variant may be compared with in verification: a strip only with the same strip,
 # the centre only with the rotations, the full query with everything else.
 COMPATIBLE = {
-    "asis": {v.name for v in EVAL_VARIANTS if "rot" not in v.name and "80" not in v.name},
-    "trim": {v.name for v in EVAL_VARIANTS if "rot" not in v.name and "80" not in v.name},
+    "asis": {v.name for v in EVAL_VARIANTS if "rot" not in v.name and not v.name.endswith(("top80", "bottom80"))},
+    "trim": {v.name for v in EVAL_VARIANTS if "rot" not in v.name and not v.name.endswith(("top80", "bottom80"))},
     "trim+top80": {v.name for v in EVAL_VARIANTS if v.name.endswith("top80")},
     "trim+bottom80": {v.name for v in EVAL_VARIANTS if v.name.endswith("bottom80")},
     "trim+centre75": {v.name for v in EVAL_VARIANTS if "rot" in v.name or v.name.endswith("full")},
