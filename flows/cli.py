@@ -381,10 +381,10 @@ def synthweb(out: Path = typer.Option(..., "--out", help="Directory of the synth
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the demo writes everything."),
-         n_pairs: int = typer.Option(3000, help="Pairs in the synthetic web."),
+         n_pairs: int = typer.Option(4000, help="Pairs in the synthetic web."),
          t: float = typer.Option(150, "--t", help="Balancing threshold (small web, small t)."),
          samples_per_shard: int = typer.Option(500), seed: int = typer.Option(0),
-         steps: int = typer.Option(300, help="Training steps of the tiny CLIP (0: build only)."),
+         steps: int = typer.Option(400, help="Training steps of the tiny CLIP (0: build only)."),
          batch_size: int = typer.Option(64, help="Training batch size.")):
     """The end-to-end run on the synthetic web: build -> audit -> train -> evaluate -> report."""
     from flows.build import build_dataset

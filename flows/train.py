@@ -142,7 +142,7 @@ class EndToEndConfig:
     build: dict  # flows.build.BuildConfig fields (inputs, querylist, eval_sets, crawl, curate, ...)
     train: dict = field(default_factory=dict)  # model, and trainer options (steps, batch_size, lr, ...)
     evaluate: dict = field(default_factory=dict)  # eval_sets (default: the build's), linear_probe, retrieval
-    audit: dict = field(default_factory=dict)  # eval_sets (default: the build's), thresholds
+    audit: dict = field(default_factory=dict)  # dataset (default: the shards), eval_sets (default: build's), thresholds
     train_deployment: str | None = None  # e.g. "train_model/gpu": run training through a (GPU) work pool
 
     @classmethod
@@ -206,7 +206,9 @@ def end_to_end(config: dict) -> dict:
     evaluation = evaluate_task(run_dir, eval_sets, eval_dir, bool(e2e.evaluate.get("linear_probe")),
                                e2e.evaluate.get("retrieval"), e2e.evaluate.get("extra"))
     if audit_sets:  # after training: the paper's All / Clean / Overlap statistics need the trained model
-        audit_task(shards, audit_sets, audit_dir, run_dir, e2e.audit.get("thresholds"))
+        # Default: the published shards. The demo audits the crawled pool instead, to show what
+        # decontamination removed (and that the model does no better on the images whose copies were removed).
+        audit_task(e2e.audit.get("dataset") or shards, audit_sets, audit_dir, run_dir, e2e.audit.get("thresholds"))
 
     report = render_report(str(out / "report.html"), build_dir=bcfg.out, audit_dir=audit_dir if audit_sets else None,
                            run_dir=run_dir, eval_dir=eval_dir, title=f"clipline end-to-end run: {out}")
