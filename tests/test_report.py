@@ -215,6 +215,13 @@ def test_sections_follow_their_inputs_and_per_class_chart_is_optional(tmp_path, 
     page = _render(tmp_path, artifacts, build_dir=None, run_dir=None, eval_dir=None)
     assert "evaluation image" not in page and 'href="../audit/report.html"' in page
 
+    # Problems the audit met with its inputs are reported, not hidden
+    doc = _audit_report(with_thumbs=False)
+    doc["errors"] = ["folder:/ds: bad.jpg: not a readable image", "folder:/ds: b.png: truncated"]
+    _write_json(str(artifacts["audit"] / "report.json"), doc)
+    page = _render(tmp_path, artifacts, build_dir=None, run_dir=None, eval_dir=None)
+    assert '<p class="warn">2 input problem(s)' in page and "bad.jpg: not a readable image" in page
+
 
 def test_markdown_tables(tmp_path, artifacts):
     tables = markdown_tables(build_dir=str(artifacts["build"]), audit_dir=str(artifacts["audit"]),
@@ -251,3 +258,19 @@ def test_long_reason_lists_are_cut_with_a_count_of_the_rest(tmp_path, artifacts)
     assert f"and {n_reasons - 40} more reasons with {sum(n for _, n in rest)} rows" in page
     tables = markdown_tables(build_dir=str(artifacts["build"]))
     assert tables["rejected"].count("\n| ") == 40 and f"and {n_reasons - 40} more reasons" in tables["rejected"]
+
+
+def test_report_reads_and_writes_s3(s3_bucket, artifacts):
+    """A build published to S3 (moto's server on 127.0.0.1) reports the same as a local one."""
+    from pipelines import storage
+
+    for part, name in (("build", "manifest.json"), ("eval", "eval.json")):
+        storage.write_bytes_atomic(f"{s3_bucket}/{part}/{name}", (artifacts[part] / name).read_bytes())
+    out = render_report(f"{s3_bucket}/reports/run.html", build_dir=f"{s3_bucket}/build", eval_dir=f"{s3_bucket}/eval",
+                        audit_dir=f"{s3_bucket}/audit")
+    page = storage.read_bytes(out).decode()
+    assert out == f"{s3_bucket}/reports/run.html"
+    assert '<section id="build">' in page and "<td>00001.tar</td>" in page and "61.25%" in page
+    assert len(PNG_RE.findall(page)) == 3  # funnel, entry counts, per class
+    notes = re.findall(r'<p class="note">(.*?)</p>', page)
+    assert len(notes) == 1 and f"{s3_bucket}/audit/report.json" in notes[0]  # nothing was put there
