@@ -22,6 +22,7 @@ import math
 import os
 import random
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -349,6 +350,11 @@ def epoch_loader(
     dataset = ShardBatches(cfg, tokenizer, epoch, rank, world, skip_batches)
     workers = max(0, min(workers, cfg.steps_per_epoch))
     kwargs = {"prefetch_factor": 4, "persistent_workers": False} if workers > 0 else {}
+    if workers > 0 and threading.active_count() > 1:
+        # Forking a process that runs other threads (an embedded server, a flow runner, a test harness) copies
+        # their locks and exit hooks into the workers, which then die at shutdown; start them from a clean
+        # fork server instead. The trainer's own process (clipline train / torchrun) has one thread and forks.
+        kwargs["multiprocessing_context"] = "forkserver"
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, **kwargs)
 
 
