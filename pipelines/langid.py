@@ -12,6 +12,7 @@ German, French or Czech Multi30k captions.
 """
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -26,13 +27,14 @@ _OTHER_LANGS = ("de", "fr", "es", "it", "nl", "pt", "sv", "pl", "cs", "fi", "nb"
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 
-class LangIdBackend:
+class LangIdBackend(abc.ABC):
     """Interface: ``detect(texts) -> [(lang, score)]``; ``name`` identifies the backend in stats."""
 
     name = "base"
 
+    @abc.abstractmethod
     def detect(self, texts: Sequence[str]) -> list[tuple[str, float]]:
-        raise NotImplementedError  # interface method, implemented by every backend below
+        """(ISO 639-1 code, probability) per text, in order."""
 
 
 class Py3LangidBackend(LangIdBackend):
