@@ -113,7 +113,7 @@ def querylist_build(
         return qlist, {name: len(items) for name, items in sources}
 
     qlist, offered = _run_user(build)
-    stats = _querylist_stats_table(qlist)
+    stats = QL.stats(qlist)
     typer.echo(f"wrote {out}: {len(qlist)} entries, sha256 {qlist.content_hash[:16]}")
     for name, n in offered.items():
         typer.echo(f"  {name:<24} offered {n:>8}  new {stats['by_source'].get(name, 0):>8}")
@@ -127,12 +127,6 @@ def _iter_captions(patterns, caption_col, columns):
     for inp in resolve_inputs(patterns, url_col=url_col, caption_col=caption_col, columns=cols):
         for batch in read_batches(inp):
             yield from (c for c in batch.captions if c)
-
-
-def _querylist_stats_table(qlist) -> dict:
-    from pipelines import querylist as QL
-
-    return QL.stats(qlist)
 
 
 @querylist_app.command("stats")
