@@ -69,7 +69,7 @@ def replicate(rows, n, seed=0):
 
 
 def build_querylist(captions, size, path):
-    from pipelines import querylist as QL
+    from pipelines.curate import querylist as QL
 
     unigrams = QL.wordfreq_unigrams(None)
     bigrams = QL.pmi_bigrams(captions, min_count=5, min_pmi=2.0)
@@ -86,8 +86,8 @@ def peak_rss_of(rows: int, workdir: Path, ql_path: Path) -> float:
     code = f"""
 import resource, sys
 sys.path.insert(0, {str(ROOT)!r})
-from pipelines.curate import run_curate
-from pipelines.curate_steps import CurateParams
+from pipelines.curate.stage import run_curate
+from pipelines.curate.steps import CurateParams
 run_curate([{str(workdir / f'mem_{rows}.parquet')!r}], {str(ql_path)!r}, {str(workdir / f'mem_out_{rows}')!r},
            CurateParams(t=20000), force=True)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -105,12 +105,12 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "docs" / "curate_bench.json"))
     args = ap.parse_args(argv)
 
-    from pipelines.curate import run_curate
-    from pipelines.curate_steps import CurateParams
-    from pipelines.filters import CaptionFilterConfig, check_caption, check_url
-    from pipelines.langid import EnglishLexicon, make_backend
-    from pipelines.matching import EntryMatcher, naive_match
-    from pipelines.text import normalize
+    from pipelines.curate.stage import run_curate
+    from pipelines.curate.steps import CurateParams
+    from pipelines.curate.filters import CaptionFilterConfig, check_caption, check_url
+    from pipelines.curate.langid import EnglishLexicon, make_backend
+    from pipelines.curate.matching import EntryMatcher, naive_match
+    from pipelines.curate.text import normalize
 
     data = shared_data()
     work = Path(tempfile.mkdtemp(prefix="curate_bench_"))

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 
-from pipelines import storage
-from pipelines.curate_steps import CurateParams
+from pipelines.core import storage
+from pipelines.curate.steps import CurateParams
 
 NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
 
@@ -82,7 +82,7 @@ def _log(msg: str) -> None:
 
 @task(name="curate", persist_result=True)
 def curate_task(cfg: BuildConfig) -> dict:
-    from pipelines.curate import run_curate
+    from pipelines.curate.stage import run_curate
 
     p = cfg.paths()
     stats = run_curate(cfg.inputs, cfg.querylist, p["curate"], cfg.curate, url_col=cfg.url_col,
@@ -120,7 +120,7 @@ def images_task(cfg: BuildConfig) -> dict:
 def decontam_task(cfg: BuildConfig) -> dict:
     """Drop pool samples that match any registered evaluation set; writes decontam/matches.parquet and the
     rejected rows (stage ``decontam``)."""
-    from pipelines.build_decontam import decontaminate_build
+    from pipelines.decontam.build import decontaminate_build
 
     p = cfg.paths()
     result = decontaminate_build(p["pool"], cfg.eval_sets, p["decontam"],
@@ -169,7 +169,7 @@ def rejected_counts(rejected_dir: str) -> dict[str, dict[str, int]]:
 @task(name="write_manifest", persist_result=True)
 def manifest_task(cfg: BuildConfig, curate: dict, images: dict, decontam: dict, balance: dict,
                   shards: list[dict]) -> dict:
-    from pipelines import storage as st
+    from pipelines.core import storage as st
     from pipelines.shard.writer import tool_versions, write_manifest
 
     p = cfg.paths()

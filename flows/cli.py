@@ -38,9 +38,9 @@ app.add_typer(querylist_app, name="querylist")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.querylist import QueryListError
-    from pipelines.readers import InputError
-    from pipelines.storage import StorageError
+    from pipelines.curate.querylist import QueryListError
+    from pipelines.curate.readers import InputError
+    from pipelines.core.storage import StorageError
     from schemas import SchemaError
 
     errors: list[type[BaseException]] = [InputError, QueryListError, StorageError, SchemaError, FileNotFoundError]
@@ -87,7 +87,7 @@ def querylist_build(
     terms: list[Path] = typer.Option([], help="User term list(s): UTF-8, one entry per line."),
 ):
     """Build a versioned query list from offline sources and print how many entries each gave."""
-    from pipelines import querylist as QL
+    from pipelines.curate import querylist as QL
 
     def build():
         sources = []
@@ -120,7 +120,7 @@ def querylist_build(
 
 
 def _iter_captions(patterns, caption_col, columns):
-    from pipelines.readers import read_batches, resolve_inputs
+    from pipelines.curate.readers import read_batches, resolve_inputs
 
     cols = columns.split(",") if columns else None
     url_col = "url" if not cols or "url" in cols else cols[0]
@@ -133,7 +133,7 @@ def _iter_captions(patterns, caption_col, columns):
 def querylist_stats(path: str = typer.Argument(..., help="Query list (Parquet or text, local or s3://)."),
                     as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Entries per source, words per entry, lengths and the content hash of any query list."""
-    from pipelines import querylist as QL
+    from pipelines.curate import querylist as QL
 
     qlist = _run_user(QL.load, path)
     stats = QL.stats(qlist)
@@ -183,8 +183,8 @@ def curate(
     force: bool = typer.Option(False, help="Recompute even if a finished output with the same parameters exists."),
 ):
     """Match raw (url, caption) lists against a query list, filter, balance, and write candidates."""
-    from pipelines.curate import run_curate
-    from pipelines.curate_steps import CurateParams
+    from pipelines.curate.stage import run_curate
+    from pipelines.curate.steps import CurateParams
 
     if t is not None and target_size is not None:
         _fail("give --t or --target-size, not both")
@@ -250,7 +250,7 @@ def build(
 ):
     """Build a dataset: curate -> crawl -> image checks -> decontaminate -> rebalance -> shard (a Prefect flow)."""
     from flows.build import BuildConfig, build_dataset, load_build_config
-    from pipelines.curate_steps import CurateParams
+    from pipelines.curate.steps import CurateParams
 
     if t is not None and target_size is not None:
         _fail("give --t or --target-size, not both")
@@ -277,8 +277,8 @@ def build(
 
 def _preflight(cfg) -> None:
     """Catch user mistakes before a flow run starts (inputs, query list, eval-set specs, crawl settings)."""
-    from pipelines import querylist as QL
-    from pipelines.readers import resolve_inputs
+    from pipelines.curate import querylist as QL
+    from pipelines.curate.readers import resolve_inputs
 
     _run_user(resolve_inputs, cfg.inputs, url_col=cfg.url_col, caption_col=cfg.caption_col, columns=cfg.columns)
     _run_user(QL.load, cfg.querylist)

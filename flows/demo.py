@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 def prepare_web(out: Path, n_pairs: int, seed: int) -> dict:
     """Generate the synthetic web and a query list for it (English unigrams + PMI bigrams of its captions)."""
-    from pipelines import querylist as QL
+    from pipelines.curate import querylist as QL
     from pipelines.synthweb import generate_web
 
     paths = generate_web(out / "web", n_pairs=n_pairs, seed=seed)
@@ -26,7 +26,7 @@ def prepare_web(out: Path, n_pairs: int, seed: int) -> dict:
 
 def demo_build_config(out: Path, web: dict, *, t: float, samples_per_shard: int, seed: int):
     from flows.build import BuildConfig
-    from pipelines.curate_steps import CurateParams
+    from pipelines.curate.steps import CurateParams
 
     return BuildConfig(
         inputs=[web["pairs_parquet"]], querylist=web["querylist"], out=str(out / "build"),

@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 
-from pipelines import storage
+from pipelines.core import storage
 
 __all__ = ["render_report", "markdown_tables", "load_metrics", "SectionError"]
 

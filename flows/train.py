@@ -158,7 +158,7 @@ class EndToEndConfig:
 
 def build_config_from(e2e: EndToEndConfig):
     from flows.build import BuildConfig
-    from pipelines.curate_steps import CurateParams
+    from pipelines.curate.steps import CurateParams
 
     b = dict(e2e.build)
     curate = dict(b.pop("curate", {}) or {})

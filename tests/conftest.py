@@ -53,7 +53,7 @@ def synth_web_small(tmp_path_factory):
     """A small synthetic web served on 127.0.0.1 for the whole session, with a query list for it."""
     import pyarrow.parquet as pq
 
-    from pipelines import querylist as QL
+    from pipelines.curate import querylist as QL
     from pipelines.synthweb import SynthWebServer, generate_web
 
     root = tmp_path_factory.mktemp("synthweb")
@@ -71,7 +71,7 @@ def synth_web_small(tmp_path_factory):
 def synth_build_config(web, out, **kw):
     """The build configuration the flow tests share (a small, fast crawl of the session's synthetic web)."""
     from flows.build import BuildConfig
-    from pipelines.curate_steps import CurateParams
+    from pipelines.curate.steps import CurateParams
 
     return BuildConfig(
         inputs=[str(web["pairs"])], querylist=str(web["querylist"]), out=str(out),

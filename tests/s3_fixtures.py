@@ -40,7 +40,7 @@ def start_moto():
 
 def make_bucket(endpoint_url: str | None = None, name: str | None = None) -> str:
     """Create a fresh bucket through the storage layer's client; returns ``s3://NAME``."""
-    from pipelines import storage
+    from pipelines.core import storage
 
     name = name or f"test-{uuid.uuid4().hex[:12]}"
     storage.s3_client(endpoint_url).create_bucket(Bucket=name)

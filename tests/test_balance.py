@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from pipelines import balance as B
+from pipelines.balance import metaclip as B
 
 
 def test_entry_prob():

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
-from pipelines.curate_steps import CurateParams
+from pipelines.core import storage
+from pipelines.curate.steps import CurateParams
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import filters as F
-from pipelines import querylist as QL
-from pipelines.readers import InputError, read_batches, resolve_inputs
+from pipelines.curate import filters as F
+from pipelines.curate import querylist as QL
+from pipelines.curate.readers import InputError, read_batches, resolve_inputs
 
 ROWS = [("http://a.com/1.jpg", "a dog on a beach"), ("https://b.org/2.png", "two cats, sleeping")]
 

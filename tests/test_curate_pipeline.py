@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import balance as B
-from pipelines import querylist as QL
-from pipelines import storage
-from pipelines.curate import read_candidates, run_curate
-from pipelines.curate_steps import CurateParams
+from pipelines.balance import metaclip as B
+from pipelines.curate import querylist as QL
+from pipelines.core import storage
+from pipelines.curate.stage import read_candidates, run_curate
+from pipelines.curate.steps import CurateParams
 
 ENTRIES = ["dog", "cat", "hot dog", "red", "car", "tree", "house", "bird", "beach", "city"]
 WORDS = ["the", "a", "small", "happy", "old", "picture", "of", "near", "with", "running", "standing", "photo"]

@@ -21,7 +21,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageDraw
 
-from pipelines import balance, storage
+from pipelines.balance import metaclip as balance
+from pipelines.core import storage
 from pipelines.images import checks, near_dedup
 from pipelines.images.stage import ImagesConfig, kept_uids, process_images, read_rows, rebalance
 from pipelines.images.transforms import OK, REJECTED, CheckImages, NearDedup

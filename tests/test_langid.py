@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from pipelines.langid import EnglishLexicon, LanguageIdentifier, make_backend
+from pipelines.curate.langid import EnglishLexicon, LanguageIdentifier, make_backend
 
 EN = ["the children are playing with their toys in the garden", "two people walking through the snowy forest"]
 DE = ["ein Hund läuft am Strand entlang", "zwei Menschen gehen durch den verschneiten Wald"]

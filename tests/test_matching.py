@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from pipelines.matching import EntryMatcher, naive_match
-from pipelines.text import normalize
+from pipelines.curate.matching import EntryMatcher, naive_match
+from pipelines.curate.text import normalize
 
 ENTRIES = ["dog", "hot dog", "hot dog stand", "cat", "New York", "new york", "e.g.", "dog,", "a", "stand"]
 

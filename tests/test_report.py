@@ -262,7 +262,7 @@ def test_long_reason_lists_are_cut_with_a_count_of_the_rest(tmp_path, artifacts)
 
 def test_report_reads_and_writes_s3(s3_bucket, artifacts):
     """A build published to S3 (moto's server on 127.0.0.1) reports the same as a local one."""
-    from pipelines import storage
+    from pipelines.core import storage
 
     for part, name in (("build", "manifest.json"), ("eval", "eval.json")):
         storage.write_bytes_atomic(f"{s3_bucket}/{part}/{name}", (artifacts[part] / name).read_bytes())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import storage
+from pipelines.core import storage
 from pipelines.images.stage import pool_files, read_rows
 from pipelines.shard.writer import ShardError, order_key, write_manifest, write_shards
 from schemas.manifest import ManifestError

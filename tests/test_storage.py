@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
-from pipelines.storage import StorageError
+from pipelines.core import storage
+from pipelines.core.storage import StorageError
 from tests.s3_fixtures import faulty_s3_endpoint, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 
 

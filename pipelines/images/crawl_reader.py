@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
-from pipelines import storage
+from pipelines.core import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Columns img2dataset writes that a record carries on (plus whatever extra columns the crawl kept).

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import storage
-from pipelines.beam_options import make_options
+from pipelines.core import storage
+from pipelines.core.beam import make_options
 from pipelines.images.crawl_reader import crawl_shards
 from pipelines.images.transforms import OK, REJECTED, CheckImages, ExactDedup, NearDedup, ReadCrawl, Rebalance
 from schemas import conform

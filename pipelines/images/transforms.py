@@ -1,6 +1,6 @@
 """Beam composite transforms of the images stage: read the crawl, check images, exact and near dedup, rebalance.
 
-Each transform wraps pure functions (``checks``, ``near_dedup``, ``pipelines.balance``, the batched hashes of
+Each transform wraps pure functions (``checks``, ``near_dedup``, ``pipelines.balance.metaclip``, the batched hashes of
 ``pipelines.images.fast_hash``). Records are dicts shaped like ``schemas.sample`` rows (plus ``image`` bytes until
 the checks drop them). Transforms that reject return a tagged result with ``ok`` and ``rejected`` outputs, and a
 rejected row always carries ``stage`` and ``reason``, so the funnel adds up.
@@ -13,7 +13,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 
-from pipelines import balance
+from pipelines.balance import metaclip as balance
 from pipelines.images import checks, fast_hash, near_dedup
 from pipelines.images.crawl_reader import crawl_shards, final_outcomes, read_crawl_shard
 

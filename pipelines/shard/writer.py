@@ -20,7 +20,7 @@ from importlib import metadata
 
 import apache_beam as beam
 
-from pipelines import storage
+from pipelines.core import storage
 from pipelines.images.stage import pipeline_options, pool_files, read_rows, _table_bytes
 from pipelines.shard.tarball import write_samples
 from schemas import manifest as manifest_schema

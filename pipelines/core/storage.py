@@ -26,7 +26,8 @@ from typing import BinaryIO, TypeVar
 __all__ = [
     "StorageError", "is_s3", "split_s3", "expand", "expand_braces", "open_read", "read_bytes", "write_bytes_atomic",
     "write_file_atomic", "exists", "list_prefix", "delete", "join", "sha256_of", "set_endpoint_url", "s3_client",
-    "basename", "parent",
+    "basename", "parent", "read_table", "write_table", "table_bytes", "write_json", "read_json", "write_stream_atomic",
+    "delete_prefix",
 ]
 
 T = TypeVar("T")
@@ -46,7 +47,10 @@ _client_lock = threading.Lock()
 _clients: dict[tuple, object] = {}
 
 
-class StorageError(OSError):
+from pipelines.core.errors import ClipError
+
+
+class StorageError(ClipError, OSError):
     """A storage operation failed for a named URI (missing file, missing bucket, or retries exhausted)."""
 
 
@@ -523,3 +527,65 @@ def delete(uri: str) -> None:
         os.unlink(uri)
     except FileNotFoundError:
         pass
+
+
+def write_stream_atomic(uri: str, fill: Callable[[BinaryIO], None]) -> None:
+    """Write what ``fill(f)`` writes, whole or not at all (local: temp + rename; S3: spooled, then one upload)."""
+    uri = str(uri)
+    if is_s3(uri):
+        with tempfile.NamedTemporaryFile(prefix="clipline-", suffix=".part") as tmp:
+            fill(tmp)
+            tmp.flush()
+            write_file_atomic(uri, tmp.name)
+        return
+    _local_atomic(uri, fill)
+
+
+def delete_prefix(uri: str) -> None:
+    """Remove every file under a directory / prefix (absent is fine)."""
+    uri = str(uri)
+    if is_s3(uri):
+        for u in list_prefix(uri):
+            delete(u)
+        return
+    shutil.rmtree(uri, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ tables and documents
+
+
+def table_bytes(table, compression: str = "zstd") -> bytes:
+    """A pyarrow Table as Parquet bytes (deterministic for the same table and library version)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+def write_table(uri: str, table, compression: str = "zstd") -> str:
+    """Write a pyarrow Table as one Parquet file, atomically; returns ``uri``."""
+    write_bytes_atomic(uri, table_bytes(table, compression))
+    return uri
+
+
+def read_table(uri: str, columns: list[str] | None = None):
+    """Read one Parquet file (local or s3://) as a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    with open_read(uri) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def write_json(uri: str, obj, *, indent: int | None = 1) -> str:
+    import json
+
+    write_bytes_atomic(uri, (json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n").encode())
+    return uri
+
+
+def read_json(uri: str):
+    import json
+
+    return json.loads(read_bytes(uri))

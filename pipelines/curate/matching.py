@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import ahocorasick
 
-from pipelines.text import normalize, spaced_entry
+from pipelines.curate.text import normalize, spaced_entry
 
 
 class EntryMatcher:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import storage
+from pipelines.core import storage
 from schemas import conform
 from schemas import rejected as rejected_schema
 

@@ -72,7 +72,7 @@ def detect_format(uri: str, fmt: str | None = None) -> tuple[str, bool]:
 
 def _open(uri: str):
     if uri.startswith("s3://"):
-        from pipelines import storage
+        from pipelines.core import storage
 
         try:
             return storage.open_read(uri)
@@ -94,7 +94,7 @@ def _expand(patterns: list[str]) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         if pattern.startswith("s3://"):
-            from pipelines import storage
+            from pipelines.core import storage
 
             found = storage.expand([pattern])
         elif any(ch in pattern for ch in "*?["):

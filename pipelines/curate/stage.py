@@ -31,12 +31,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import curate_steps as S
-from pipelines import querylist as QL
-from pipelines import storage
-from pipelines.balance import DEFAULT_T, solve_t_from_sample
-from pipelines.beam_options import make_options
-from pipelines.readers import InputFile, read_batches, resolve_inputs
+from pipelines.curate import steps as S
+from pipelines.curate import querylist as QL
+from pipelines.core import storage
+from pipelines.balance.metaclip import DEFAULT_T, solve_t_from_sample
+from pipelines.core.beam import make_options
+from pipelines.curate.readers import InputFile, read_batches, resolve_inputs
 from schemas import conform
 from schemas import entry_counts as counts_schema
 from schemas.stage_stats import validate_stats
@@ -93,7 +93,7 @@ class _MatchFn(beam.DoFn):
         self.matcher = None
 
     def setup(self):
-        from pipelines.matching import EntryMatcher
+        from pipelines.curate.matching import EntryMatcher
 
         # Each worker reads the list itself: shipping 500,000 entries inside the pickled DoFn costs seconds.
         entries = QL.load(self.querylist_uri).entries
@@ -189,7 +189,7 @@ class _LanguageFn(beam.DoFn):
         self.identifier = None
 
     def setup(self):
-        from pipelines.langid import EnglishLexicon, LanguageIdentifier, make_backend
+        from pipelines.curate.langid import EnglishLexicon, LanguageIdentifier, make_backend
 
         lexicon = EnglishLexicon.cached() if self.params.lexicon_shortcut else None
         self.identifier = LanguageIdentifier(make_backend(self.params.lang_backend, self.params.seed), lexicon)

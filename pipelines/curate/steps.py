@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from pipelines import filters as F
-from pipelines.balance import is_kept, keep_probability
-from pipelines.readers import RawBatch
+from pipelines.curate import filters as F
+from pipelines.balance.metaclip import is_kept, keep_probability
+from pipelines.curate.readers import RawBatch
 from schemas import candidate as candidate_schema
 from schemas import conform
 from schemas import rejected as rejected_schema

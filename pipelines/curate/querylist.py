@@ -112,7 +112,7 @@ def pmi_bigrams(captions: Iterable[str], *, min_count: int = 5, min_pmi: float =
     PMI(x, y) = log(p(x y) / (p(x) p(y))); pairs seen fewer than ``min_count`` times are ignored (PMI favours rare
     pairs), punctuation tokens never form a bigram.
     """
-    from pipelines.text import PUNCTS_TO_WRAP, normalize
+    from pipelines.curate.text import PUNCTS_TO_WRAP, normalize
 
     punct = set(PUNCTS_TO_WRAP)
     unigrams: Counter = Counter()
@@ -158,7 +158,7 @@ def read_term_file(path: str) -> list[str]:
 
 def _read_bytes(path: str) -> bytes:
     if path.startswith("s3://"):
-        from pipelines import storage
+        from pipelines.core import storage
 
         try:
             return storage.read_bytes(path)
@@ -203,7 +203,7 @@ def save(qlist: QueryList, path: str) -> None:
     pq.write_table(qlist.to_table(), sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
     if path.startswith("s3://"):
-        from pipelines import storage
+        from pipelines.core import storage
 
         storage.write_bytes_atomic(path, data)
         return
