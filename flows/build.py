@@ -1,76 +1,27 @@
-"""Prefect flow ``build_dataset``: curate -> crawl -> image checks -> decontaminate -> rebalance -> shard -> manifest.
+"""Prefect flow ``build_dataset``: a short sequence of stages with one contract, then the manifest.
 
-Each task calls one stage of ``pipelines/`` and passes references (paths/URIs and small stats), never bulk data.
-Resume comes from the stages themselves: each writes its units atomically and a completion marker last
-(curate: ``stats.json``; crawl: img2dataset's incremental mode; images/balance: markers; shards: one marker per
-shard), so rerunning the same command after a kill skips finished work and ends with identical shards and counts.
-Network-facing tasks retry with backoff; task results are persisted by Prefect.
+    curate -> crawl -> images -> decontam -> balance -> shard -> manifest.json
+
+Each stage is a :class:`pipelines.core.stage.Stage` (typed config, input URIs, output URI, :class:`StageResult`).
+The flow only wires their URIs together and runs them in order as Prefect tasks; resume comes from the stages'
+markers (a stage whose fingerprint and files are unchanged is not recomputed; the crawl resumes per shard), so
+rerunning the same command after a kill finishes with identical shards and counts. The manifest is written last
+and its funnel is assembled from the stage results.
 """
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
-import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
 
+from flows.config import BuildConfig, load_build_config
 from pipelines.core import storage
-from pipelines.curate.steps import CurateParams
+from pipelines.core.stage import Stage, StageResult, funnel
 
 NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
 
-
-@dataclass
-class BuildConfig:
-    """Everything that shapes a dataset build (saved in the manifest)."""
-
-    inputs: list[str]
-    querylist: str
-    out: str
-    url_col: str = "url"
-    caption_col: str = "caption"
-    columns: list[str] | None = None
-    curate: CurateParams = field(default_factory=CurateParams)
-    crawl: dict = field(default_factory=dict)  # pipelines.crawl.CrawlConfig fields
-    images: dict = field(default_factory=dict)  # pipelines.images.stage.ImagesConfig fields
-    eval_sets: list[str] = field(default_factory=list)
-    decontam: dict = field(default_factory=dict)  # pipelines.decontam.detector.DetectorConfig fields
-    t: float | None = None  # second balancing pass; default: the curation t
-    target_size: int | None = None
-    samples_per_shard: int = 1000
-    seed: int = 0
-    recrawl_failures: bool = True
-    beam_args: list[str] = field(default_factory=list)
-    work: str | None = None  # intermediate stages; default: OUT itself, or a local dir when OUT is s3://
-
-    def work_dir(self) -> str:
-        """Where curate/crawl/pool/decontam/balance live. img2dataset and the pool read crawl tars from a local
-        disk, so an s3:// build keeps its intermediates in a local work dir and publishes shards, rejected rows
-        and the manifest to OUT."""
-        if self.work:
-            return self.work
-        if storage.is_s3(self.out):
-            import hashlib
-
-            return str(Path(".clipline-work") / hashlib.sha256(self.out.encode()).hexdigest()[:16])
-        return self.out
-
-    def paths(self) -> dict[str, str]:
-        j = storage.join
-        work = self.work_dir()
-        return {**{k: j(work, k) for k in ("curate", "crawl", "pool", "decontam", "balance")},
-                **{k: j(self.out, k) for k in ("shards", "rejected")}}
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["curate"]["langs"] = list(self.curate.langs)
-        return d
+__all__ = ["BuildConfig", "build_dataset", "build_manifest", "load_build_config", "plan_stages"]
 
 
 def _log(msg: str) -> None:
@@ -80,144 +31,89 @@ def _log(msg: str) -> None:
         print(msg)
 
 
-@task(name="curate", persist_result=True)
-def curate_task(cfg: BuildConfig) -> dict:
-    from pipelines.curate.stage import run_curate
+def plan_stages(cfg: BuildConfig) -> list[Stage]:
+    """The build's stages, in order, with every input and output URI fixed up front."""
+    from pipelines.balance.stage import BalanceStage
+    from pipelines.crawl.stage import CrawlStage
+    from pipelines.curate.stage import CurateStage
+    from pipelines.decontam.build import DecontamStage
+    from pipelines.images.stage import ImagesStage
+    from pipelines.shard.writer import ShardStage
 
-    p = cfg.paths()
-    stats = run_curate(cfg.inputs, cfg.querylist, p["curate"], cfg.curate, url_col=cfg.url_col,
-                       caption_col=cfg.caption_col, columns=cfg.columns, beam_args=cfg.beam_args,
-                       rejected_out=p["rejected"])
-    _log(f"curate: {stats['input_rows']} rows -> {stats['kept']} candidates ({stats['rejected']})")
-    return {k: stats[k] for k in ("input_rows", "kept", "rejected", "steps", "balance", "inputs", "querylist")}
-
-
-@task(name="crawl", persist_result=True, **NETWORK_RETRIES)
-def crawl_task(cfg: BuildConfig) -> dict:
-    from pipelines.crawl import CrawlConfig, crawl, recrawl_failures
-
-    p = cfg.paths()
-    config = CrawlConfig(**cfg.crawl)
-    info = crawl(storage.join(p["curate"], "candidates"), p["crawl"], config)
-    if cfg.recrawl_failures:
-        recrawl_failures(p["crawl"], config)
-    _log(f"crawl: {info}")
-    return {"crawl_dir": p["crawl"], "config": dataclasses.asdict(config)}
-
-
-@task(name="process_images", persist_result=True)
-def images_task(cfg: BuildConfig) -> dict:
-    from pipelines.images.stage import process_images
-
-    p = cfg.paths()
-    stats = process_images(p["crawl"], p["pool"], cfg.images, rejected_uri=storage.join(p["rejected"], "images.parquet"),
-                           pipeline_args=cfg.beam_args)
-    _log(f"images: {stats['input_rows']} crawled rows -> {stats['kept']} ok ({stats['rejected']})")
-    return stats
+    p, j = cfg.paths(), storage.join
+    beam = cfg.beam_runner_args
+    return [
+        CurateStage(cfg.curate, {"raw": list(cfg.inputs), "querylist": cfg.querylist}, p["curate"],
+                    rejected=p["rejected"], beam_args=beam, url_col=cfg.url_col, caption_col=cfg.caption_col,
+                    columns=list(cfg.columns) if cfg.columns else None),
+        CrawlStage(cfg.crawl, {"candidates": j(p["curate"], "candidates")}, p["crawl"],
+                   rejected=j(p["rejected"], "crawl.parquet"), recrawl_failures=cfg.recrawl_failures),
+        ImagesStage(cfg.images, {"crawl": p["crawl"]}, p["pool"], rejected=j(p["rejected"], "images.parquet"),
+                    beam_args=beam),
+        DecontamStage(cfg.decontam, {"pool": p["pool"]}, p["decontam"], rejected=j(p["rejected"], "decontam.parquet"),
+                      beam_args=beam),
+        BalanceStage(cfg.balance_config, {"pool": p["pool"], "exclude": [j(p["decontam"], "drop.parquet")]},
+                     p["balance"], rejected=j(p["rejected"], "balance.parquet"), beam_args=beam),
+        ShardStage(cfg.shard, {"pool": p["pool"], "kept": j(p["balance"], "kept.parquet")}, p["shards"],
+                   beam_args=beam),
+    ]
 
 
-@task(name="decontaminate", persist_result=True)
-def decontam_task(cfg: BuildConfig) -> dict:
-    """Drop pool samples that match any registered evaluation set; writes decontam/matches.parquet and the
-    rejected rows (stage ``decontam``)."""
-    from pipelines.decontam.build import decontaminate_build
-
-    p = cfg.paths()
-    result = decontaminate_build(p["pool"], cfg.eval_sets, p["decontam"],
-                                 rejected_uri=storage.join(p["rejected"], "decontam.parquet"), detector=cfg.decontam)
-    _log(f"decontaminate: {result['n_dropped']} pool samples match {len(cfg.eval_sets)} evaluation set(s)")
+@task(name="stage", cache_policy=NO_CACHE, persist_result=False)
+def run_stage(stage: Stage) -> StageResult:
+    result = stage.run()
+    rejected = ", ".join(f"{k}: {v}" for k, v in sorted(result.rejected.items(), key=lambda kv: -kv[1])[:6])
+    _log(f"{stage.name}: {result.input_rows} -> {result.kept}{' (reused)' if result.reused else ''}"
+         f"{f'; rejected {rejected}' if rejected else ''}")
     return result
 
 
-@task(name="rebalance", persist_result=True)
-def rebalance_task(cfg: BuildConfig, exclude: list[str]) -> dict:
-    from pipelines.images.stage import rebalance
+def build_manifest(cfg: BuildConfig, results: list[StageResult]) -> dict:
+    """manifest.json's content, from the effective config and the stage results (validated when written)."""
+    from pipelines.decontam.build import eval_set_fingerprint
+    from pipelines.shard.writer import tool_versions
 
-    p = cfg.paths()
-    t = cfg.t if cfg.t is not None else (None if cfg.target_size else (cfg.curate.t or 20_000))
-    result = rebalance(p["pool"], p["balance"], t=t, target_size=cfg.target_size, seed=cfg.seed, exclude=exclude,
-                       rejected_uri=storage.join(p["rejected"], "balance.parquet"), pipeline_args=cfg.beam_args)
-    _log(f"rebalance: {result['input_rows']} -> {result['kept']} (t = {result['t']})")
-    return result
-
-
-@task(name="write_shards", persist_result=True, **NETWORK_RETRIES)
-def shard_task(cfg: BuildConfig, kept_uri: str) -> list[dict]:
-    from pipelines.shard.writer import write_shards
-
-    p = cfg.paths()
-    shards = write_shards(p["pool"], kept_uri, p["shards"], cfg.samples_per_shard, cfg.seed,
-                          pipeline_args=cfg.beam_args)
-    _log(f"shards: {len(shards)} written to {p['shards']}")
-    return shards
-
-
-def rejected_counts(rejected_dir: str) -> dict[str, dict[str, int]]:
-    """Rows per stage and reason over every rejected/*.parquet of a build."""
-    out: dict[str, dict[str, int]] = {}
-    for uri in storage.list_prefix(rejected_dir) if (storage.is_s3(rejected_dir) or storage.exists(rejected_dir)) \
-            else []:
-        if not uri.endswith(".parquet"):
-            continue
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["stage", "reason"])
-        for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
-            out.setdefault(stage, {}).setdefault(reason, 0)
-            out[stage][reason] += 1
-    return {s: dict(sorted(r.items())) for s, r in sorted(out.items())}
-
-
-@task(name="write_manifest", persist_result=True)
-def manifest_task(cfg: BuildConfig, curate: dict, images: dict, decontam: dict, balance: dict,
-                  shards: list[dict]) -> dict:
-    from pipelines.core import storage as st
-    from pipelines.shard.writer import tool_versions, write_manifest
-
-    p = cfg.paths()
-    rejected = rejected_counts(p["rejected"])
-    flat_rejected = {f"{stage}:{reason}": n for stage, reasons in rejected.items() for reason, n in reasons.items()}
-    n_shard_rows = sum(s["n"] for s in shards)
-    stages = {
-        "curate": {"in": curate["input_rows"], "out": curate["kept"]},
-        "crawl_and_images": {"in": images["input_rows"], "out": images["kept"]},
-        "decontam": {"in": decontam["pool_ok"], "out": decontam["pool_ok"] - decontam["n_dropped"]},
-        "balance": {"in": balance["input_rows"], "out": balance["kept"]},
-        "shard": {"in": balance["kept"], "out": n_shard_rows},
-    }
-    funnel = {"input_rows": curate["input_rows"], "kept": n_shard_rows, "stages": stages, "rejected": flat_rejected}
-    manifest = {
-        "lineage": {"inputs": curate["inputs"], "querylist": curate["querylist"]},
+    by = {r.stage: r for r in results}
+    curate, balance, shard = by["curate"], by["balance"], by["shard"]
+    return {
+        "lineage": {"inputs": curate.details["inputs"], "querylist": curate.details["querylist"],
+                    "eval_sets": [eval_set_fingerprint(s) for s in cfg.decontam.eval_sets]},
         "params": cfg.to_dict(),
-        "seed": cfg.seed,
-        "funnel": funnel,
-        "curate": {"steps": curate["steps"], "balance": curate["balance"]},
-        "decontam": decontam,
-        "balance": {k: balance[k] for k in ("t", "seed", "target_size", "input_rows", "kept")},
-        "entry_counts": {"before": balance["counts_before"], "after": balance["counts_after"]},
-        "shards": [{k: s[k] for k in ("name", "n", "tar_sha256", "parquet_sha256")} for s in shards],
-        "samples_per_shard": cfg.samples_per_shard,
+        "seed": cfg.shard.seed,
+        "funnel": funnel(results),
+        "stages": {r.stage: {"fingerprint": r.fingerprint, "params": r.params} for r in results},
+        "curate": {"steps": curate.details["steps"], "balance": curate.details["balance"]},
+        "crawl": {k: v for k, v in by["crawl"].details.items()},
+        "decontam": by["decontam"].details,
+        "balance": {"t": balance.details["t"], "seed": balance.details["seed"],
+                    "target_size": balance.details["target_size"], "input_rows": balance.input_rows,
+                    "kept": balance.kept},
+        "entry_counts": {"before": balance.details["counts_before"], "after": balance.details["counts_after"]},
+        "shards": [{k: s[k] for k in ("name", "n", "tar_sha256", "parquet_sha256")} for s in shard.details["shards"]],
+        "samples_per_shard": cfg.shard.samples_per_shard,
         "tools": tool_versions(),
     }
-    write_manifest(st.join(cfg.out, "manifest.json"), manifest)  # validates: the funnel must add up
-    return {"manifest": st.join(cfg.out, "manifest.json"), "funnel": funnel, "n_shards": len(shards)}
 
 
-@flow(name="build_dataset", persist_result=True, log_prints=True)
+@task(name="write_manifest", cache_policy=NO_CACHE, persist_result=False)
+def manifest_task(cfg: BuildConfig, results: list[StageResult]) -> dict:
+    from pipelines.shard.writer import write_manifest
+
+    uri = cfg.paths()["manifest"]
+    doc = write_manifest(uri, build_manifest(cfg, results))  # validates: the funnel must add up
+    return {"manifest": uri, "funnel": doc["funnel"], "n_shards": len(doc["shards"])}
+
+
+@flow(name="build_dataset", log_prints=True)
 def build_dataset(cfg: BuildConfig) -> dict:
     """Raw URL lists -> balanced, decontaminated webdataset + Parquet shards with a manifest."""
     started = time.time()
-    curate = curate_task(cfg)
-    crawl_task(cfg)
-    images = images_task(cfg)
-    decontam = decontam_task(cfg)
-    balance = rebalance_task(cfg, [decontam["drop_uri"]] if decontam.get("drop_uri") else [])
-    shards = shard_task(cfg, balance["kept_uri"])
-    summary = manifest_task(cfg, curate, images, decontam, balance, shards)
+    results: list[StageResult] = []
+    for stage in plan_stages(cfg):
+        options = NETWORK_RETRIES if stage.name in ("crawl", "shard") else {}
+        results.append(run_stage.with_options(name=stage.name, **options)(stage))
+    summary = manifest_task(cfg, results)
     summary["elapsed_s"] = round(time.time() - started, 1)
     summary["shards_dir"] = cfg.paths()["shards"]
+    summary["reused"] = [r.stage for r in results if r.reused]
     return summary
-
-
-def load_build_config(path: str | os.PathLike) -> dict:
-    import yaml
-
-    return yaml.safe_load(Path(path).read_text()) or {}

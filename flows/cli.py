@@ -38,19 +38,9 @@ app.add_typer(querylist_app, name="querylist")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.curate.querylist import QueryListError
-    from pipelines.curate.readers import InputError
-    from pipelines.core.storage import StorageError
-    from schemas import SchemaError
+    from pipelines.core.errors import ClipError
 
-    errors: list[type[BaseException]] = [InputError, QueryListError, StorageError, SchemaError, FileNotFoundError]
-    try:
-        from pipelines.evalsets import EvalSetSpecError
-
-        errors.append(EvalSetSpecError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ClipError,)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -164,7 +154,7 @@ def curate(
     caption_col: str = typer.Option("caption", help="Caption column name."),
     columns: Optional[str] = typer.Option(None, help="Names of header-less CSV/TSV columns, comma-separated "
                                                      "(e.g. caption,url for CC3M's TSV)."),
-    format: Optional[str] = typer.Option(None, "--format", help="parquet|csv|tsv|jsonl (default: from the name)."),
+    format: Optional[str] = typer.Option(None, "--format", help="parquet|csv|tsv|jsonl (default: from the content)."),
     t: Optional[float] = typer.Option(None, "--t", help="Balancing threshold t (default 20000)."),
     target_size: Optional[int] = typer.Option(None, help="Find t so that the expected kept count is this."),
     no_balance: bool = typer.Option(False, help="Keep every candidate (keep_prob is still stored)."),
@@ -178,25 +168,27 @@ def curate(
     max_chars: int = typer.Option(1000), max_words: int = typer.Option(200),
     batch_rows: int = typer.Option(20_000, help="Rows per batch (and per output file)."),
     workers: int = typer.Option(1, help="DirectRunner workers (>1: multi_processing)."),
-    runner: str = typer.Option("DirectRunner", help="Beam runner; other options via --beam-arg."),
-    beam_arg: list[str] = typer.Option([], help="Extra Beam pipeline option, e.g. --beam-arg=--project=x."),
+    runner: str = typer.Option("direct", help="Beam runner: direct, dask, dataflow, flink, spark (or a class "
+                                              "path); its options via --beam-arg."),
+    beam_arg: list[str] = typer.Option([], help="Extra Beam pipeline option, e.g. "
+                                                "--beam-arg=--dask_client_address=tcp://127.0.0.1:8786."),
     force: bool = typer.Option(False, help="Recompute even if a finished output with the same parameters exists."),
 ):
     """Match raw (url, caption) lists against a query list, filter, balance, and write candidates."""
+    from pipelines.core.beam import resolve_runner
     from pipelines.curate.stage import run_curate
     from pipelines.curate.steps import CurateParams
 
     if t is not None and target_size is not None:
         _fail("give --t or --target-size, not both")
-    if dedup not in ("url", "url_caption", "none"):
-        _fail(f"--dedup must be url, url_caption or none, not {dedup!r}")
-    if lang_backend not in ("py3langid", "langdetect"):
-        _fail(f"--lang-backend must be py3langid or langdetect, not {lang_backend!r}")
-    params = CurateParams(min_words=min_words, min_chars=min_chars, max_chars=max_chars, max_words=max_words,
-                          dedup=dedup, langs=tuple(x for x in langs.split(",") if x), min_lang_score=min_lang_score,
-                          lang_backend=lang_backend, lexicon_shortcut=not no_lexicon,
-                          t=t if t is not None else (None if target_size else 20_000), target_size=target_size,
-                          balance=not no_balance, seed=seed, batch_rows=batch_rows)
+    if workers < 1:
+        _fail(f"--workers must be >= 1, got {workers}")
+    runner = _run_user(resolve_runner, runner)
+    params = _run_user(CurateParams, min_words=min_words, min_chars=min_chars, max_chars=max_chars,
+                       max_words=max_words, dedup=dedup, langs=tuple(x for x in langs.split(",") if x),
+                       min_lang_score=min_lang_score, lang_backend=lang_backend, lexicon_shortcut=not no_lexicon,
+                       t=t if t is not None else (None if target_size else 20_000), target_size=target_size,
+                       balance=not no_balance, seed=seed, batch_rows=batch_rows)
     stats = _run_user(run_curate, input, querylist, out, params, url_col=url_col, caption_col=caption_col,
                       fmt=format, columns=columns.split(",") if columns else None, runner=runner, workers=workers,
                       beam_args=beam_arg, force=force)
@@ -226,11 +218,21 @@ def print_funnel(stats: dict, out: str) -> None:
 # ---------------------------------------------------------------------------------------------- build
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when the flag was typed on the command line (not a default): flags win over --config, which wins
+    over the defaults."""
+    source = ctx.get_parameter_source(name)  # an enum of click's (typer may vendor its own click: compare names)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
 @app.command()
 def build(
-    input: list[str] = typer.Option(..., "--input", "-i", help="Raw URL list(s): Parquet/CSV/TSV/JSONL, local or s3://."),
-    querylist: str = typer.Option(..., "--querylist", "-q", help="Query list (Parquet or text)."),
-    out: str = typer.Option(..., "--out", "-o", help="Build directory (local or s3://bucket/prefix)."),
+    ctx: typer.Context,
+    input: Optional[list[str]] = typer.Option(None, "--input", "-i", help="Raw URL list(s): Parquet/CSV/TSV/JSONL, "
+                                                                         "local or s3://."),
+    querylist: Optional[str] = typer.Option(None, "--querylist", "-q", help="Query list (Parquet or text)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Build directory (local or s3://bucket/prefix)."),
+    work: Optional[str] = typer.Option(None, help="Where intermediate stages live (default: OUT itself)."),
     allow_cidr: list[str] = typer.Option([], help="Address range the crawler may reach although private, e.g. "
                                                   "127.0.0.1/32 for a local server (repeatable)."),
     eval_set: list[str] = typer.Option([], help="Evaluation set to decontaminate against, e.g. cifar10:PATH, "
@@ -244,55 +246,81 @@ def build(
     langs: str = typer.Option("en", help="Languages to keep ('' keeps all)."),
     image_size: int = typer.Option(256, help="Longest side of the stored images."),
     processes: int = typer.Option(1, help="img2dataset processes."),
-    threads: int = typer.Option(16, help="img2dataset download threads per process."),
+    threads: int = typer.Option(32, help="img2dataset download threads per process."),
     timeout: float = typer.Option(10.0, help="Seconds per socket operation of a download."),
-    config: Optional[Path] = typer.Option(None, help="YAML with BuildConfig fields (flags override it)."),
+    runner: str = typer.Option("direct", help="Beam runner of the data-plane stages: direct, dask, dataflow, "
+                                              "flink, spark (or a class path)."),
+    beam_arg: list[str] = typer.Option([], help="Extra Beam pipeline option (repeatable)."),
+    config: Optional[Path] = typer.Option(None, help="YAML with BuildConfig fields; flags given on the command "
+                                                     "line win over it."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the effective config (defaults < "
+                                                                    "--config < flags) as YAML and stop."),
 ):
     """Build a dataset: curate -> crawl -> image checks -> decontaminate -> rebalance -> shard (a Prefect flow)."""
-    from flows.build import BuildConfig, build_dataset, load_build_config
-    from pipelines.curate.steps import CurateParams
+    from flows.build import build_dataset
+    from flows.config import load_build_config
 
     if t is not None and target_size is not None:
         _fail("give --t or --target-size, not both")
-    base = load_build_config(config) if config else {}
-    curate_params = dict(base.pop("curate", {}) or {})
-    curate_params.setdefault("langs", tuple(x for x in langs.split(",") if x))
-    curate_params["langs"] = tuple(curate_params["langs"])
-    curate_params.setdefault("seed", seed)
-    if t is not None:
-        curate_params["t"] = t
-    crawl = {"image_size": image_size, "processes": processes, "thread_count": threads, "timeout": timeout,
-             **(base.pop("crawl", {}) or {})}
-    if allow_cidr:
-        crawl["allow_cidrs"] = tuple(allow_cidr)
-    cfg = BuildConfig(inputs=input, querylist=querylist, out=out, url_col=url_col, caption_col=caption_col,
-                      columns=columns.split(",") if columns else None, curate=CurateParams(**curate_params),
-                      crawl=crawl, eval_sets=list(eval_set) or base.pop("eval_sets", []), t=t,
-                      target_size=target_size, samples_per_shard=samples_per_shard, seed=seed,
-                      **{k: v for k, v in base.items() if k in ("images", "decontam", "recrawl_failures", "beam_args")})
+    flags: dict = {}
+
+    def put(path: str, value, name: str) -> None:
+        if _given(ctx, name):
+            node = flags
+            *parents, leaf = path.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+
+    put("inputs", list(input or []), "input")
+    put("querylist", querylist, "querylist")
+    put("out", out, "out")
+    put("work", work, "work")
+    put("crawl.allow_cidrs", list(allow_cidr), "allow_cidr")
+    put("decontam.eval_sets", list(eval_set), "eval_set")
+    put("curate.t", t, "t")
+    put("balance.t", t, "t")
+    put("curate.target_size", target_size, "target_size")
+    put("balance.target_size", target_size, "target_size")
+    if _given(ctx, "target_size"):
+        flags["curate"]["t"] = None
+    put("shard.samples_per_shard", samples_per_shard, "samples_per_shard")
+    for path in ("curate.seed", "balance.seed", "shard.seed"):
+        put(path, seed, "seed")
+    put("url_col", url_col, "url_col")
+    put("caption_col", caption_col, "caption_col")
+    put("columns", columns.split(",") if columns else None, "columns")
+    put("curate.langs", [x for x in langs.split(",") if x], "langs")
+    put("crawl.image_size", image_size, "image_size")
+    put("crawl.processes", processes, "processes")
+    put("crawl.thread_count", threads, "threads")
+    put("crawl.timeout", timeout, "timeout")
+    put("runner", runner, "runner")
+    put("beam_args", list(beam_arg), "beam_arg")
+    cfg = _run_user(load_build_config, config, flags)
+    if print_config:
+        import yaml
+
+        typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
+        return
     _preflight(cfg)
     summary = _run_user(build_dataset, cfg)
     print_build_summary(summary)
 
 
 def _preflight(cfg) -> None:
-    """Catch user mistakes before a flow run starts (inputs, query list, eval-set specs, crawl settings)."""
+    """Catch user mistakes before a flow run starts (inputs, query list, eval-set specs)."""
     from pipelines.curate import querylist as QL
     from pipelines.curate.readers import resolve_inputs
 
-    _run_user(resolve_inputs, cfg.inputs, url_col=cfg.url_col, caption_col=cfg.caption_col, columns=cfg.columns)
+    _run_user(resolve_inputs, list(cfg.inputs), url_col=cfg.url_col, caption_col=cfg.caption_col,
+              columns=list(cfg.columns) if cfg.columns else None)
     _run_user(QL.load, cfg.querylist)
-    if cfg.eval_sets:
+    if cfg.decontam.eval_sets:
         from pipelines.evalsets import parse_spec
 
-        for spec in cfg.eval_sets:
+        for spec in cfg.decontam.eval_sets:
             _run_user(parse_spec, spec)
-    from pipelines.crawl import CrawlConfig
-
-    try:
-        CrawlConfig(**cfg.crawl)
-    except (TypeError, ValueError) as exc:
-        _fail(f"crawl settings: {exc}")
 
 
 def print_build_summary(summary: dict) -> None:
@@ -447,6 +475,8 @@ def serve(config: Path = typer.Option(Path("infra/prefect/local.yaml"), help="De
     """Create the scheduled deployments and run them from this process (embedded default; Ctrl-C stops)."""
     from flows.deploy import load_serve_config, serve_deployments
 
+    if not config.is_file():
+        _fail(f"{config}: no such deployments file (see infra/prefect/local.yaml)")
     specs = _run_user(load_serve_config, config)
     for spec in specs:
         when = spec["cron"] or (f"every {spec['interval']} s" if spec["interval"] else "on demand")

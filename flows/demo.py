@@ -25,28 +25,26 @@ def prepare_web(out: Path, n_pairs: int, seed: int) -> dict:
 
 
 def demo_build_config(out: Path, web: dict, *, t: float, samples_per_shard: int, seed: int):
-    from flows.build import BuildConfig
-    from pipelines.curate.steps import CurateParams
+    from flows.config import load_build_config
 
-    return BuildConfig(
-        inputs=[web["pairs_parquet"]], querylist=web["querylist"], out=str(out / "build"),
-        curate=CurateParams(t=t, seed=seed),
-        crawl={"allow_cidrs": ("127.0.0.1/32",), "timeout": 2.0, "max_download_seconds": 5.0, "retries": 0,
-               "thread_count": 32, "processes": 1, "image_size": 128, "number_sample_per_shard": 2000},
+    return load_build_config({
+        "inputs": [web["pairs_parquet"]], "querylist": web["querylist"], "out": str(out / "build"),
+        "curate": {"t": t, "seed": seed},
+        "crawl": {"allow_cidrs": ["127.0.0.1/32"], "timeout": 2.0, "max_download_seconds": 5.0, "retries": 0,
+                  "thread_count": 32, "processes": 1, "image_size": 128, "number_sample_per_shard": 2000},
         # Flat drawn shapes of one concept sit within a few pHash bits of each other without being copies:
         # radius 2 still removes the web's planted near-duplicates (re-encodes, resizes) but not distinct drawings.
-        images={"min_side": 24, "near_dup_radius": 2},
-        eval_sets=[f"synth:{web['root']}"], samples_per_shard=samples_per_shard, seed=seed)
+        "images": {"min_side": 24, "near_dup_radius": 2},
+        "decontam": {"eval_sets": [f"synth:{web['root']}"]},
+        "balance": {"seed": seed}, "shard": {"samples_per_shard": samples_per_shard, "seed": seed}})
 
 
 def demo_e2e_config(out: Path, web: dict, *, t: float, samples_per_shard: int, seed: int, steps: int,
                     batch_size: int) -> dict:
     """The end_to_end flow's configuration for the demo (CPU-sized: a tiny CLIP for a few hundred steps)."""
-    import dataclasses
 
     bcfg = demo_build_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed)
-    build = dataclasses.asdict(bcfg)
-    build["curate"]["langs"] = list(bcfg.curate.langs)
+    build = bcfg.to_dict()
     return {
         "out": str(out),
         "build": build,

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from pipelines.core.errors import ClipError
 
-class SchemaError(ValueError):
+
+class SchemaError(ClipError, ValueError):
     """A table does not match the schema it is written or read as."""
 
 

@@ -13,6 +13,8 @@ A JSON document, not a table; this module is its versioned description and valid
 """
 from __future__ import annotations
 
+from pipelines.core.errors import ClipError
+
 
 NAME = "manifest"
 VERSION = 1
@@ -20,7 +22,7 @@ REQUIRED = ("schema", "version", "lineage", "params", "tools", "funnel", "entry_
 REQUIRED_TOOLS = ("python", "clipline", "apache-beam", "img2dataset", "pyarrow", "imagehash")
 
 
-class ManifestError(ValueError):
+class ManifestError(ClipError, ValueError):
     """A manifest is missing a part or its funnel does not add up."""
 
 

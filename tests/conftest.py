@@ -70,15 +70,16 @@ def synth_web_small(tmp_path_factory):
 
 def synth_build_config(web, out, **kw):
     """The build configuration the flow tests share (a small, fast crawl of the session's synthetic web)."""
-    from flows.build import BuildConfig
-    from pipelines.curate.steps import CurateParams
+    from flows.config import load_build_config
 
-    return BuildConfig(
-        inputs=[str(web["pairs"])], querylist=str(web["querylist"]), out=str(out),
-        curate=CurateParams(t=kw.pop("t", 10_000), langs=()),
-        crawl={"allow_cidrs": ("127.0.0.1/32",), "timeout": 1.5, "max_download_seconds": 3.0, "retries": 0,
-               "thread_count": 16, "image_size": 96},
-        images={"min_side": 16}, eval_sets=[f"synth:{web['root']}"], samples_per_shard=40, **kw)
+    t = kw.pop("t", 10_000)
+    return load_build_config({
+        "inputs": [str(web["pairs"])], "querylist": str(web["querylist"]), "out": str(out),
+        "curate": {"t": t, "langs": []},
+        "crawl": {"allow_cidrs": ["127.0.0.1/32"], "timeout": 1.5, "max_download_seconds": 3.0, "retries": 0,
+                  "thread_count": 16, "image_size": 96},
+        "images": {"min_side": 16}, "decontam": {"eval_sets": [f"synth:{web['root']}"]},
+        "shard": {"samples_per_shard": 40}}, kw)
 
 
 @pytest.fixture(scope="session")

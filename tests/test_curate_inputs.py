@@ -70,10 +70,15 @@ def test_empty_and_unreadable_files(tmp_path):
         resolve_inputs([str(tmp_path / "missing.csv")])
     with pytest.raises(InputError, match="no input files match"):
         resolve_inputs([str(tmp_path / "*.jsonl")])
-    odd = tmp_path / "data.xyz"
-    odd.write_text("x")
-    with pytest.raises(InputError, match="format"):
+    odd = tmp_path / "data.xyz"  # no known extension: the content decides (here: binary, not a table)
+    odd.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(InputError, match="data.xyz: not a readable table: binary content"):
         resolve_inputs([str(odd)])
+    text = tmp_path / "pairs.data"  # unknown extension, JSON lines content: read as JSON lines
+    text.write_text('{"url": "http://a.com/1.jpg", "caption": "a fine caption"}\n')
+    assert resolve_inputs([str(text)])[0].fmt == "jsonl"
+    pq.write_table(pa.table({"url": ["http://a.com/1.jpg"], "caption": ["a caption"]}), tmp_path / "t.bin")
+    assert resolve_inputs([str(tmp_path / "t.bin")])[0].fmt == "parquet"  # Parquet by its magic bytes
 
 
 def test_bad_records_are_flagged_not_fatal(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from pipelines.balance import metaclip as B
 from pipelines.curate import querylist as QL
 from pipelines.core import storage
+from pipelines.core.storage import StorageError
 from pipelines.curate.stage import read_candidates, run_curate
 from pipelines.curate.steps import CurateParams
 
@@ -124,11 +125,18 @@ def test_rerun_reuses_and_interrupted_output_is_redone(inputs, tmp_path):
     parts = sorted((tmp_path / "candidates").iterdir())
     parts[0].unlink()
     (tmp_path / "candidates" / "part-99999-000000000000.parquet").write_bytes(b"PAR1 half")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(StorageError):
         read_candidates(str(tmp_path))  # unfinished output is never taken for finished
     again = run_curate(*args, CurateParams(t=50))
     assert not again.get("reused") and again["rejected"] == first["rejected"]
     assert _candidates(tmp_path).equals(before)
+    # deleting any output file the marker lists makes the next run redo the stage
+    for victim in (sorted((tmp_path / "candidates").iterdir())[-1], tmp_path / "entry_counts.parquet",
+                   sorted((tmp_path / "rejected").iterdir())[0]):
+        victim.unlink()
+        redone = run_curate(*args, CurateParams(t=50))
+        assert not redone.get("reused") and _candidates(tmp_path).equals(before)
+        assert run_curate(*args, CurateParams(t=50)).get("reused")
     # a different parameter is a different output
     assert not run_curate(*args, CurateParams(t=51)).get("reused")
 

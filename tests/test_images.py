@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 from pipelines.balance import metaclip as balance
 from pipelines.core import storage
 from pipelines.images import checks, near_dedup
-from pipelines.images.stage import ImagesConfig, kept_uids, process_images, read_rows, rebalance
+from pipelines.balance.stage import kept_uids, rebalance
+from pipelines.images.stage import ImagesConfig, process_images, read_rows
 from pipelines.images.transforms import OK, REJECTED, CheckImages, NearDedup
 
 RADIUS = 4
@@ -135,11 +136,11 @@ def test_inspect_image_reasons():
     assert checks.inspect_image(b"not an image at all").error == checks.DECODE_ERROR
     assert checks.inspect_image(good[: len(good) // 2]).error == checks.DECODE_ERROR  # truncated body
     assert checks.inspect_image(good, max_pixels=100).error == checks.TOO_LARGE  # judged from the header
-    assert checks.check_size(31, 200, 32) == (False, checks.TOO_SMALL)
-    assert checks.check_size(32, 200, 32) == (True, None)
-    assert checks.check_aspect(300, 100, 3.0) == (True, None)
-    assert checks.check_aspect(301, 100, 3.0) == (False, checks.BAD_ASPECT)
-    assert checks.check_aspect(100, 301, 3.0) == (False, checks.BAD_ASPECT)
+    assert checks.check_size(31, 200, 32) == checks.TOO_SMALL
+    assert checks.check_size(32, 200, 32) is None
+    assert checks.check_aspect(300, 100, 3.0) is None
+    assert checks.check_aspect(301, 100, 3.0) == checks.BAD_ASPECT
+    assert checks.check_aspect(100, 301, 3.0) == checks.BAD_ASPECT
 
 
 def test_hashes_agree_with_imagehash():
@@ -243,11 +244,13 @@ def test_near_dedup_transform_matches_pure_search():
 @pytest.mark.slow
 def test_process_images_funnel_and_reasons(pool_build):
     build, stats, rows = pool_build
-    pool = read_rows(stats["files"])
+    pool = read_rows(stats.outputs["pool"])
     by_uid = {r["uid"]: r for r in pool}
     assert sorted(by_uid) == sorted(r["uid"] for r in rows)  # every crawled row is in the pool exactly once
     assert len(pool) == len(rows)
-    assert stats["input_rows"] == stats["kept"] + sum(stats["rejected"].values()) == len(rows)
+    fetched = [r for r in rows if r["expect"] != "crawl"]  # the crawl stage reports its own failures
+    assert stats.input_rows == stats.kept + sum(stats.rejected.values()) == len(fetched)
+    assert stats.details["crawled_rows"] == len(rows)
     for r in rows:
         got = by_uid[r["uid"]]
         if r["expect"] == "ok":
@@ -261,8 +264,9 @@ def test_process_images_funnel_and_reasons(pool_build):
             assert (got["status"], got["stage"]) == ("failed", "crawl") and "404" in got["reason"]
         else:
             assert (got["stage"], got["reason"]) == ("images", r["expect"])
-    rejected = read_rows([stats["rejected_uri"]])
-    assert sorted(r["uid"] for r in rejected) == sorted(u for u, r in by_uid.items() if r["status"] != "ok")
+    rejected = read_rows([stats.outputs["rejected"]])
+    assert sorted(r["uid"] for r in rejected) == sorted(u for u, r in by_uid.items()
+                                                        if r["status"] != "ok" and r["stage"] != "crawl")
     # the stored hashes are imagehash's pHash / dHash of the crawled bytes
     for r in rows:
         if r["expect"] == "ok":
@@ -280,21 +284,26 @@ def _crawl_image(row: dict) -> bytes:
 @pytest.mark.slow
 def test_process_images_rerun_is_skipped_and_identical(pool_build, crawl_build, tmp_path):
     build, stats, _rows = pool_build
-    before = {f: storage.read_bytes(f) for f in stats["files"]}
-    again = process_images(crawl_build[0], storage.join(build, "pool"),
-                           ImagesConfig(min_side=32, max_aspect=3.0, near_dup_radius=RADIUS, pool_files=2))
-    assert again == stats
-    assert {f: storage.read_bytes(f) for f in stats["files"]} == before
+    before = {f: storage.read_bytes(f) for f in stats.outputs["pool"]}
+    cfg = ImagesConfig(min_side=32, max_aspect=3.0, near_dup_radius=RADIUS, pool_files=2)
+    again = process_images(crawl_build[0], storage.join(build, "pool"), cfg)
+    assert again.reused and again.to_dict() == stats.to_dict()
+    assert {f: storage.read_bytes(f) for f in stats.outputs["pool"]} == before
+    # deleting an output file makes the next run redo the stage, to the same bytes
+    for victim in (stats.outputs["pool"][-1], stats.outputs["rejected"]):
+        storage.delete(victim)
+        redone = process_images(crawl_build[0], storage.join(build, "pool"), cfg)
+        assert not redone.reused and {f: storage.read_bytes(f) for f in stats.outputs["pool"]} == before
     # a fresh directory recomputes to the same bytes (deterministic output)
     fresh = process_images(crawl_build[0], str(tmp_path / "pool"),
                            ImagesConfig(min_side=32, max_aspect=3.0, near_dup_radius=RADIUS, pool_files=2))
-    assert [storage.read_bytes(f) for f in fresh["files"]] == list(before.values())
+    assert [storage.read_bytes(f) for f in fresh.outputs["pool"]] == list(before.values())
 
 
 @pytest.mark.slow
 def test_rebalance_recounts_and_draws_per_uid(pool_build, tmp_path):
     build, stats, _rows = pool_build
-    pool = [r for r in read_rows(stats["files"]) if r["status"] == "ok"]
+    pool = [r for r in read_rows(stats.outputs["pool"]) if r["status"] == "ok"]
     # exclude one uid as decontamination would
     excluded = pool[0]["uid"]
     ex_uri = str(tmp_path / "matches.parquet")
@@ -307,28 +316,32 @@ def test_rebalance_recounts_and_draws_per_uid(pool_build, tmp_path):
     for r in survivors:
         for e in r["entry_ids"]:
             counts[e] = counts.get(e, 0) + 1
-    assert res["counts_before"] == {str(k): v for k, v in sorted(counts.items())}
+    assert res.details["counts_before"] == {str(k): v for k, v in sorted(counts.items())}
     expect_kept = sorted(r["uid"] for r in survivors
                          if balance.is_kept(7, r["uid"], balance.keep_probability(r["entry_ids"], counts, t)))
     assert kept_uids(out_dir) == expect_kept
-    assert 0 < res["kept"] < len(survivors)  # t = 3 really drops some pairs
-    assert res["input_rows"] == len(survivors)
-    dropped = read_rows([res["rejected_uri"]])
-    assert {r["reason"] for r in dropped} == {"balance_not_sampled"}
-    assert len(dropped) + res["kept"] == len(survivors)
+    assert 0 < res.kept < len(survivors)  # t = 3 really drops some pairs
+    assert res.input_rows == len(survivors)
+    dropped = read_rows([res.outputs["rejected"]])
+    assert {r["reason"] for r in dropped} == {"not_sampled"}
+    assert len(dropped) + res.kept == len(survivors)
     after = {}
     for r in survivors:
         if r["uid"] in set(expect_kept):
             for e in r["entry_ids"]:
                 after[e] = after.get(e, 0) + 1
-    assert res["counts_after"] == {str(k): v for k, v in sorted(after.items())}
+    assert res.details["counts_after"] == {str(k): v for k, v in sorted(after.items())}
     # rerun: the recorded result, unchanged files
-    assert rebalance(storage.join(build, "pool"), out_dir, t=t, seed=7, exclude=[ex_uri]) == res
+    again = rebalance(storage.join(build, "pool"), out_dir, t=t, seed=7, exclude=[ex_uri])
+    assert again.reused and again.to_dict() == res.to_dict()
+    storage.delete(res.outputs["kept"])  # a missing output file: the stage is redone
+    redone = rebalance(storage.join(build, "pool"), out_dir, t=t, seed=7, exclude=[ex_uri])
+    assert not redone.reused and kept_uids(out_dir) == expect_kept
     # target size: solve_t on the recounted pool
     res2 = rebalance(storage.join(build, "pool"), str(tmp_path / "b2"), target_size=5, seed=7)
     lists = [r["entry_ids"] for r in pool]
     dense = np.bincount([e for ids in lists for e in ids])
-    assert res2["t"] == pytest.approx(balance.solve_t(lists, dense, 5))
+    assert res2.details["t"] == pytest.approx(balance.solve_t(lists, dense, 5))
 
 
 def test_bad_crawl_dir_is_a_clear_error(tmp_path):

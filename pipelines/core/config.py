@@ -43,6 +43,19 @@ def _is_tuple(tp: Any) -> bool:
     return origin is tuple or tp is tuple
 
 
+def _from_plain_dataclass(tp: type, value: Mapping[str, Any], path: str) -> Any:
+    """A dataclass that is not a Config (yet): same unknown-key rule, then its own constructor."""
+    names = [f.name for f in dataclasses.fields(tp) if f.init]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ConfigError(f"{', '.join(f'{path}.{k}' for k in unknown)}: unknown key; expected one of "
+                          f"{', '.join(names)}")
+    try:
+        return tp(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 class Config:
     """Mixin for frozen config dataclasses: ``from_mapping`` / ``to_dict`` / ``replace``."""
 
@@ -59,6 +72,11 @@ class Config:
         if unknown:
             where = ", ".join(f"{path}.{k}" if path else str(k) for k in unknown)
             raise ConfigError(f"{where}: unknown key; expected one of {', '.join(names)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if required:
+            where = ", ".join(f"{path}.{k}" if path else str(k) for k in required)
+            raise ConfigError(f"{where}: missing (required)")
         kwargs = {}
         for name, value in data.items():
             tp = hints.get(name)
@@ -66,6 +84,8 @@ class Config:
             key_path = f"{path}.{name}" if path else name
             if sub is not None and (isinstance(value, Mapping) or value is None):
                 value = sub.from_mapping(value, key_path) if value is not None else None
+            elif isinstance(value, Mapping) and isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                value = _from_plain_dataclass(tp, value, key_path)
             elif _is_tuple(tp) and isinstance(value, list):
                 value = tuple(value)
             kwargs[name] = value

@@ -29,13 +29,18 @@ LOW_LANG_SCORE = "low_lang_score"
 NOT_SAMPLED = "not_sampled"  # MetaCLIP balancing draw (curation and the second pass)
 TAKEDOWN = "takedown"
 
-# ---- crawl (normalised from img2dataset's error messages and clipline's guarded opener)
+# ---- crawl (normalised from img2dataset's error messages and clipline's guarded fetcher)
 HTTP_403, HTTP_404, HTTP_429, HTTP_4XX, HTTP_5XX = "http_403", "http_404", "http_429", "http_4xx", "http_5xx"
-TIMEOUT = "timeout"
+TIMEOUT = "timeout"  # a timeout whose phase is unknown (messages of plain img2dataset output)
+TIMEOUT_HEADERS = "timeout_headers"  # no (final) response headers in time: stalled server, slow redirect chain
+TIMEOUT_BODY = "timeout_body"  # headers came, the body did not finish within the total download deadline
 TRUNCATED = "truncated"
 DECODE_ERROR = "decode_error"
 NOT_IMAGE = "not_image"
-OPT_OUT = "opt_out"
+OPT_OUT = "opt_out"  # X-Robots-Tag noai / noimageai / noml / ...
+ROBOTS_DISALLOWED = "robots_disallowed"  # robots.txt disallows the URL for our user agent: never requested
+ROBOTS_UNAVAILABLE = "robots_unavailable"  # robots.txt answered 5xx / timed out: disallow all, for this crawl
+HOST_UNAVAILABLE = "host_unavailable"  # the host was paused after repeated connect errors / timeouts
 BLOCKED_PRIVATE_ADDRESS = "blocked_private_address"
 UNSUPPORTED_SCHEME = "unsupported_scheme"
 TOO_LARGE = "too_large"  # declared pixels over the limit (decompression bombs) or bytes over the limit
@@ -50,13 +55,17 @@ HASH_MISMATCH = "hash_mismatch"
 MISSING_FROM_OUTPUT = "missing_from_output"
 
 CRAWL_REASONS: tuple[str, ...] = (
-    HTTP_404, HTTP_403, HTTP_429, HTTP_4XX, HTTP_5XX, TIMEOUT, TRUNCATED, DECODE_ERROR, NOT_IMAGE, OPT_OUT,
+    HTTP_404, HTTP_403, HTTP_429, HTTP_4XX, HTTP_5XX, TIMEOUT, TIMEOUT_HEADERS, TIMEOUT_BODY, TRUNCATED,
+    DECODE_ERROR, NOT_IMAGE, OPT_OUT, ROBOTS_DISALLOWED, ROBOTS_UNAVAILABLE, HOST_UNAVAILABLE,
     BLOCKED_PRIVATE_ADDRESS, UNSUPPORTED_SCHEME, TOO_LARGE, TOO_SMALL, BAD_ASPECT_RATIO, REDIRECT_ERROR, DNS_ERROR,
     CONNECTION_REFUSED, CONNECTION_ERROR, TLS_ERROR, HASH_MISMATCH, MISSING_FROM_OUTPUT,
 )
 # Worth another try later: the server or the network may answer differently next time.
 RETRYABLE_CRAWL_REASONS: frozenset[str] = frozenset(
-    {HTTP_429, HTTP_5XX, TIMEOUT, TRUNCATED, DNS_ERROR, CONNECTION_REFUSED, CONNECTION_ERROR})
+    {HTTP_429, HTTP_5XX, TIMEOUT, TIMEOUT_HEADERS, TIMEOUT_BODY, TRUNCATED, DNS_ERROR, CONNECTION_REFUSED,
+     CONNECTION_ERROR, HOST_UNAVAILABLE, ROBOTS_UNAVAILABLE})
+# Timeouts: a URL that hit one of these in two attempts (rounds included) is not tried again in this crawl.
+TIMEOUT_CRAWL_REASONS: frozenset[str] = frozenset({TIMEOUT, TIMEOUT_HEADERS, TIMEOUT_BODY})
 
 # ---- images (checks on the decoded image; decode errors and sizes use the crawl names above)
 # ---- dedup

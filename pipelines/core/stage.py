@@ -104,12 +104,18 @@ class Stage(ABC):
     def compute(self, fingerprint: str) -> StageResult:
         """Do the work, writing every output atomically; return the result (the marker is written by run)."""
 
+    def verify(self, recorded: StageResult) -> bool:
+        """Extra check of a recorded result before it is reused (default: none; e.g. shard sizes)."""
+        return True
+
     def run(self, *, force: bool = False) -> StageResult:
         fp = self.fingerprint()
         if not force:
             recorded = markers.done(self.marker_uri, fp)
             if recorded is not None:
-                return StageResult.from_dict(recorded, reused=True)
+                result = StageResult.from_dict(recorded, reused=True)
+                if self.verify(result):
+                    return result
         else:
             markers.clear(self.marker_uri)
         result = self.compute(fp)

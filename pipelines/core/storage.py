@@ -27,7 +27,7 @@ __all__ = [
     "StorageError", "is_s3", "split_s3", "expand", "expand_braces", "open_read", "read_bytes", "write_bytes_atomic",
     "write_file_atomic", "exists", "list_prefix", "delete", "join", "sha256_of", "set_endpoint_url", "s3_client",
     "basename", "parent", "read_table", "write_table", "table_bytes", "write_json", "read_json", "write_stream_atomic",
-    "delete_prefix",
+    "delete_prefix", "size_of",
 ]
 
 T = TypeVar("T")
@@ -437,6 +437,19 @@ def list_prefix(uri: str) -> list[str]:
     for root, _dirs, files in os.walk(uri):
         out.extend(os.path.join(root, f) for f in files)
     return sorted(out)
+
+
+def size_of(uri: str) -> int:
+    """Size in bytes of a file / object."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        head = _with_retries(uri, "head", lambda: s3_client().head_object(Bucket=bucket, Key=key))
+        return int(head["ContentLength"])
+    try:
+        return os.path.getsize(uri)
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
 
 
 def sha256_of(uri: str, chunk_size: int = 1 << 20) -> str:

@@ -8,6 +8,8 @@ and ``bigram_pmi`` (high-PMI word pairs computed from a caption corpus).
 """
 from __future__ import annotations
 
+from pipelines.core.errors import ClipError
+
 import gzip
 import hashlib
 import io
@@ -26,7 +28,7 @@ from schemas import querylist as ql_schema
 WORDNET_INDEX_FILES = ("index.noun", "index.verb", "index.adj", "index.adv")
 
 
-class QueryListError(ValueError):
+class QueryListError(ClipError, ValueError):
     """A user-facing problem with a query list file or a source."""
 
 

@@ -8,6 +8,8 @@ curation stage rejects it and the funnel still adds up.
 """
 from __future__ import annotations
 
+from pipelines.core.errors import ClipError
+
 import csv
 import gzip
 import io
@@ -24,7 +26,7 @@ FORMATS = ("parquet", "csv", "tsv", "jsonl")
 csv.field_size_limit(sys.maxsize)  # huge captions are rejected by the length filter, not by the parser
 
 
-class InputError(ValueError):
+class InputError(ClipError, ValueError):
     """A user-facing problem with an input file (one line: file, row/column, what was expected)."""
 
 
@@ -53,21 +55,70 @@ class RawBatch:
     bad: dict = field(default_factory=dict)  # record index in batch -> reason
 
 
-def detect_format(uri: str, fmt: str | None = None) -> tuple[str, bool]:
-    name = uri.lower()
-    is_gz = name.endswith(".gz")
+_BY_NAME = ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".txt", "tsv"),
+            (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"))
+
+
+def _format_from_name(name: str) -> str | None:
+    for ext, f in _BY_NAME:
+        if name.endswith(ext):
+            return f
+    return None
+
+
+def _head(uri: str, n: int = 8192) -> bytes:
+    with _open(uri) as f:
+        return f.read(n)
+
+
+def sniff_format(uri: str) -> tuple[str | None, bool, str]:
+    """(format, gzip, description) from a file's first bytes: Parquet by its magic, gzip by its magic (then
+    the decompressed start), JSON lines by a leading '{', CSV / TSV by UTF-8 text and the first line's delimiter;
+    format None when the bytes are not a table we can read (binary content)."""
+    head = _head(uri)
+    if head.startswith(b"PAR1"):
+        return "parquet", False, "Parquet"
+    is_gz = head.startswith(b"\x1f\x8b")
     if is_gz:
-        name = name[:-3]
+        import zlib
+
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 8192)
+        except zlib.error:
+            return None, True, "damaged gzip data"
+    if not head.strip():
+        return None, is_gz, "an empty file"
+    text = head.decode("utf-8", errors="replace")
+    odd = sum(1 for ch in text if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\t\r\n\x0c"))
+    if b"\x00" in head or odd > max(4, len(text) // 20):  # a few bad bytes are row-level errors, not binary
+        return None, is_gz, "binary content (not text)"
+    first = text.lstrip("\ufeff \t\r\n")
+    if first.startswith("{"):
+        return "jsonl", is_gz, "JSON lines"
+    line = first.splitlines()[0] if first else ""
+    return ("tsv" if "\t" in line else "csv"), is_gz, "delimited text"
+
+
+def detect_format(uri: str, fmt: str | None = None) -> tuple[str, bool]:
+    """The format of an input file: ``fmt`` when given, else from its content, checked against its name."""
+    name = uri.lower()
     if fmt:
         if fmt not in FORMATS:
             raise InputError(f"{uri}: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
-        return fmt, is_gz
-    for ext, f in ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".tsv", "tsv"),
-                   (".txt", "tsv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl")):
-        if name.endswith(ext):
-            return f, is_gz
-    raise InputError(f"{uri}: cannot tell the format from the file name (expected .parquet, .csv, .tsv, .jsonl, "
-                     f"optionally .gz); pass --format")
+        return fmt, name.endswith(".gz")
+    by_name = _format_from_name(name[:-3] if name.endswith(".gz") else name)
+    found, is_gz, what = sniff_format(uri)
+    if found is None:
+        expected = f" for a .{by_name} file" if by_name else ""
+        raise InputError(f"{uri}: not a readable table: {what}{expected}; expected Parquet, CSV, TSV or JSON lines "
+                         f"(optionally gzip-compressed)")
+    if found == "parquet" or by_name is None:
+        return found, is_gz
+    if by_name == "parquet":
+        raise InputError(f"{uri}: not a readable Parquet file (no PAR1 magic; the content looks like {what})")
+    if by_name == "jsonl" and found != "jsonl":
+        raise InputError(f"{uri}: not JSON lines (the first line does not start with '{{'; it looks like {what})")
+    return (by_name if found != "jsonl" else "jsonl"), is_gz
 
 
 def _open(uri: str):

@@ -33,7 +33,9 @@ import pyarrow.parquet as pq
 
 from pipelines.curate import steps as S
 from pipelines.curate import querylist as QL
-from pipelines.core import storage
+from pipelines.core import markers, storage
+from pipelines.core.stage import MARKER, Stage, StageResult
+from pipelines.core.storage import StorageError
 from pipelines.balance.metaclip import DEFAULT_T, solve_t_from_sample
 from pipelines.core.beam import make_options
 from pipelines.curate.readers import InputFile, read_batches, resolve_inputs
@@ -302,22 +304,12 @@ class BalanceAndWrite(beam.PTransform):
 
 
 def _write_parquet(uri: str, table: pa.Table, durable: bool = True) -> None:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd" if durable else "lz4")
-    if durable or storage.is_s3(uri):
-        storage.write_bytes_atomic(uri, sink.getvalue())
-        return
-    import os
-
-    os.makedirs(os.path.dirname(uri), exist_ok=True)
-    tmp = f"{uri}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(sink.getvalue())
-    os.replace(tmp, uri)
+    # spill files (durable=False) use the faster lz4; every file is written whole either way
+    storage.write_table(uri, table, compression="zstd" if durable else "lz4")
 
 
 def _read_parquet(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    return storage.read_table(uri)
 
 
 def _write_counts(counts: np.ndarray, out: str, t: float):
@@ -332,15 +324,11 @@ def _write_counts(counts: np.ndarray, out: str, t: float):
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def params_hash(params: S.CurateParams, inputs: list[InputFile], qlist_hash: str) -> str:
-    blob = json.dumps({"params": asdict(params), "inputs": [(i.uri, i.size) for i in inputs],
-                       "querylist": qlist_hash, "version": STATS_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def read_stats(out: str) -> dict | None:
+    """stats.json of a finished curation output (None when the stage has not finished there)."""
+    marker = markers.read(storage.join(out, MARKER))
     uri = storage.join(out, "stats.json")
-    if not storage.exists(uri):
+    if marker is None or not all(storage.exists(f) for f in marker.get("files", [])) or not storage.exists(uri):
         return None
     try:
         return json.loads(storage.read_bytes(uri))
@@ -348,99 +336,138 @@ def read_stats(out: str) -> dict | None:
         return None
 
 
-def _remove_tree(prefix: str) -> None:
-    if storage.is_s3(prefix):
-        for uri in storage.list_prefix(prefix):
-            storage.delete(uri)
-    else:
-        import shutil
-
-        shutil.rmtree(prefix, ignore_errors=True)
-
-
 def _clear_outputs(out: str, rejected_out: str) -> None:
     for sub in ("candidates", "_tmp"):
-        _remove_tree(storage.join(out, sub))
+        storage.delete_prefix(storage.join(out, sub))
     if storage.is_s3(rejected_out) or storage.exists(rejected_out):
         for uri in storage.list_prefix(rejected_out):
             if storage.basename(uri).startswith(REJECTED_PREFIX):
                 storage.delete(uri)
     for name in ("entry_counts.parquet", "stats.json"):
-        uri = storage.join(out, name)
-        if storage.exists(uri):
-            storage.delete(uri)
+        storage.delete(storage.join(out, name))
+
+
+class CurateStage(Stage):
+    """Raw URL lists + query list -> matched, filtered, language-identified, balanced candidates (Beam).
+
+    inputs: ``{"raw": [file / glob / directory, ...], "querylist": URI}``; output: the curation directory;
+    ``rejected``: the directory that gets ``curate-part-*.parquet`` (default ``OUT/rejected``).
+    """
+
+    name = "curate"
+
+    def __init__(self, config: S.CurateParams | None, inputs, output: str, *, rejected: str | None = None,
+                 beam_args=(), url_col: str = "url", caption_col: str = "caption", fmt: str | None = None,
+                 columns: list[str] | None = None, runner: str = "direct", workers: int = 1):
+        config = config or S.CurateParams()
+        if config.target_size is not None:
+            config = replace(config, t=None)
+        elif config.t is None:
+            config = replace(config, t=DEFAULT_T)
+        super().__init__(config, inputs, output, rejected=rejected or storage.join(output, "rejected"),
+                         beam_args=beam_args)
+        self.read_options = {"url_col": url_col, "caption_col": caption_col, "fmt": fmt, "columns": columns}
+        self.runner, self.workers = runner, workers
+        self._files: list[InputFile] | None = None
+        self._qlist = None
+
+    @property
+    def files(self) -> list[InputFile]:
+        if self._files is None:
+            raw = self.inputs["raw"]
+            self._files = resolve_inputs([raw] if isinstance(raw, str) else list(raw), **self.read_options)
+        return self._files
+
+    @property
+    def qlist(self):
+        if self._qlist is None:
+            self._qlist = QL.load(self.inputs["querylist"])
+        return self._qlist
+
+    def input_files(self) -> list[str]:
+        return [f.uri for f in self.files]
+
+    def params(self) -> dict:
+        return {**self.config.to_dict(), "read": self.read_options}
+
+    def extra_fingerprint(self):
+        return {"querylist": self.qlist.content_hash, "stats_version": STATS_VERSION}
+
+    def compute(self, fingerprint: str) -> StageResult:
+        params, out, rejected_out, files, qlist = self.config, self.output, self.rejected, self.files, self.qlist
+        querylist = self.inputs["querylist"]
+        started = time.time()
+        _clear_outputs(out, rejected_out)
+        tmp = storage.join(out, "_tmp", fingerprint[:16])
+        tmp_stats = storage.join(tmp, "stats.json")
+        options = make_options(runner=self.runner, workers=self.workers, extra=self.beam_args)
+        with beam.Pipeline(options=options) as p:
+            read = p | "ReadRawPairs" >> ReadRawPairs(files, params.batch_rows)
+            matched = (read.batches
+                       | "FilterRecords" >> FilterRecords(params)
+                       | "MatchEntries" >> MatchEntries(querylist, len(qlist))
+                       | "SpillMatched" >> SpillMatched(tmp, params.dedup))
+            live = (matched.refs
+                    | "DedupPairs" >> DedupPairs(params.dedup, matched.dedup_keys)
+                    | "IdentifyLanguage" >> IdentifyLanguage(params, tmp))
+            counts = live.counts | "CountEntries" >> CountEntries(len(qlist))
+            if params.target_size is not None:
+                sample = live.sample | "BottomK" >> beam.CombineGlobally(_BottomK(SAMPLE_SIZE))
+                pool_size = live.pool_size | "SumPool" >> beam.CombineGlobally(sum)
+                t = (counts
+                     | "SolveT" >> beam.Map(lambda c, s, n, target: _solve_t(s, c, target, n),
+                                            beam.pvalue.AsSingleton(sample), beam.pvalue.AsSingleton(pool_size),
+                                            params.target_size))
+            else:
+                t = p | "FixedT" >> beam.Create([float(params.t)])
+            balance_info = (counts
+                            | "WriteCounts" >> beam.Map(_write_counts, out, beam.pvalue.AsSingleton(t)))
+            batch_stats = live.refs | "BalanceAndWrite" >> BalanceAndWrite(out, params, tmp, counts, t, rejected_out)
+            files_info = read.files | "ListFiles" >> beam.combiners.ToList()
+            (batch_stats
+             | "MergeStats" >> beam.combiners.ToList()
+             | "Finalize" >> beam.Map(_write_tmp_stats, tmp_stats, beam.pvalue.AsSingleton(balance_info),
+                                      beam.pvalue.AsSingleton(files_info)))
+
+        stats = json.loads(storage.read_bytes(tmp_stats))
+        storage.delete_prefix(storage.join(out, "_tmp"))
+        stats.update({
+            "stage": "curate",
+            "version": STATS_VERSION,
+            "params": {**asdict(params), "langs": list(params.langs)},
+            "params_hash": fingerprint,
+            "querylist": {"uri": querylist, "sha256": qlist.content_hash, "entries": len(qlist)},
+            "runner": {"runner": self.runner, "workers": self.workers, "args": self.beam_args},
+            "versions": _versions(),
+            "elapsed_s": round(time.time() - started, 3),
+        })
+        validate_stats(stats)
+        stats_uri = storage.write_json(storage.join(out, "stats.json"), stats, indent=2)
+        candidates = sorted(u for u in storage.list_prefix(storage.join(out, "candidates")) if u.endswith(".parquet")) \
+            if storage.is_s3(out) or storage.exists(storage.join(out, "candidates")) else []
+        rejected_files = sorted(u for u in storage.list_prefix(rejected_out)
+                                if storage.basename(u).startswith(REJECTED_PREFIX)) \
+            if storage.is_s3(rejected_out) or storage.exists(rejected_out) else []
+        return StageResult(
+            stage="curate", input_rows=stats["input_rows"], kept=stats["kept"], rejected=stats["rejected"],
+            outputs={"candidates": candidates, "entry_counts": storage.join(out, "entry_counts.parquet"),
+                     "stats": stats_uri, "rejected": rejected_files},
+            params=self.params(), fingerprint=fingerprint,
+            details={k: stats[k] for k in ("steps", "balance", "inputs", "querylist")})
 
 
 def run_curate(inputs: list[str], querylist: str, out: str, params: S.CurateParams | None = None, *,
                url_col: str = "url", caption_col: str = "caption", fmt: str | None = None,
-               columns: list[str] | None = None, runner: str = "DirectRunner", workers: int = 1,
+               columns: list[str] | None = None, runner: str = "direct", workers: int = 1,
                beam_args: list[str] | None = None, force: bool = False, rejected_out: str | None = None) -> dict:
-    """Run curation and return its stats. A finished output with the same parameters is reused.
-
-    Rejected rows go to ``rejected_out`` (default ``out/rejected``) as ``curate-part-*.parquet``; a dataset build
-    points it at the build's shared ``rejected/`` directory.
-    """
-    rejected_out = rejected_out or storage.join(out, "rejected")
-    params = params or S.CurateParams()
-    if params.target_size is not None:
-        params = replace(params, t=None)
-    elif params.t is None:
-        params = replace(params, t=DEFAULT_T)
-    started = time.time()
-    files = resolve_inputs(inputs, url_col=url_col, caption_col=caption_col, fmt=fmt, columns=columns)
-    qlist = QL.load(querylist)
-    phash = params_hash(params, files, qlist.content_hash + rejected_out)
-    previous = read_stats(out)
-    if previous and previous.get("params_hash") == phash and not force:
-        previous["reused"] = True
-        return previous
-    _clear_outputs(out, rejected_out)
-
-    tmp = storage.join(out, "_tmp", phash[:16])
-    tmp_stats = storage.join(tmp, "stats.json")
-    options = make_options(runner=runner, workers=workers, extra=beam_args)
-    with beam.Pipeline(options=options) as p:
-        read = p | "ReadRawPairs" >> ReadRawPairs(files, params.batch_rows)
-        matched = (read.batches
-                   | "FilterRecords" >> FilterRecords(params)
-                   | "MatchEntries" >> MatchEntries(querylist, len(qlist))
-                   | "SpillMatched" >> SpillMatched(tmp, params.dedup))
-        live = (matched.refs
-                | "DedupPairs" >> DedupPairs(params.dedup, matched.dedup_keys)
-                | "IdentifyLanguage" >> IdentifyLanguage(params, tmp))
-        counts = live.counts | "CountEntries" >> CountEntries(len(qlist))
-        if params.target_size is not None:
-            sample = live.sample | "BottomK" >> beam.CombineGlobally(_BottomK(SAMPLE_SIZE))
-            pool_size = live.pool_size | "SumPool" >> beam.CombineGlobally(sum)
-            t = (counts
-                 | "SolveT" >> beam.Map(lambda c, s, n, target: _solve_t(s, c, target, n),
-                                        beam.pvalue.AsSingleton(sample), beam.pvalue.AsSingleton(pool_size),
-                                        params.target_size))
-        else:
-            t = p | "FixedT" >> beam.Create([float(params.t)])
-        balance_info = (counts
-                        | "WriteCounts" >> beam.Map(_write_counts, out, beam.pvalue.AsSingleton(t)))
-        batch_stats = live.refs | "BalanceAndWrite" >> BalanceAndWrite(out, params, tmp, counts, t, rejected_out)
-        files_info = read.files | "ListFiles" >> beam.combiners.ToList()
-        (batch_stats
-         | "MergeStats" >> beam.combiners.ToList()
-         | "Finalize" >> beam.Map(_write_tmp_stats, tmp_stats, beam.pvalue.AsSingleton(balance_info),
-                                  beam.pvalue.AsSingleton(files_info)))
-
-    stats = json.loads(storage.read_bytes(tmp_stats))
-    _remove_tree(storage.join(out, "_tmp"))
-    stats.update({
-        "stage": "curate",
-        "version": STATS_VERSION,
-        "params": {**asdict(params), "langs": list(params.langs)},
-        "params_hash": phash,
-        "querylist": {"uri": querylist, "sha256": qlist.content_hash, "entries": len(qlist)},
-        "runner": {"runner": runner, "workers": workers, "args": beam_args or []},
-        "versions": _versions(),
-        "elapsed_s": round(time.time() - started, 3),
-    })
-    validate_stats(stats)
-    storage.write_bytes_atomic(storage.join(out, "stats.json"), json.dumps(stats, indent=2).encode())
+    """Run the curation stage and return its stats.json (plus ``reused``). A finished output with the same inputs
+    (content hashes), query list and parameters is reused."""
+    stage = CurateStage(params, {"raw": list(inputs), "querylist": querylist}, out, rejected=rejected_out,
+                        beam_args=beam_args or [], url_col=url_col, caption_col=caption_col, fmt=fmt,
+                        columns=columns, runner=runner, workers=workers)
+    result = stage.run(force=force)
+    stats = read_stats(out) or {}
+    stats["reused"] = result.reused
     return stats
 
 
@@ -465,9 +492,9 @@ def _versions() -> dict:
 def read_candidates(out: str) -> pa.Table:
     """All candidates of a finished curation output (raises if it is unfinished)."""
     if read_stats(out) is None:
-        raise FileNotFoundError(f"{out}: curation output is unfinished (no stats.json)")
+        raise StorageError(f"{out}: curation output is unfinished (no {MARKER}); run the curate stage first")
     parts = sorted(storage.list_prefix(storage.join(out, "candidates")))
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in parts if u.endswith(".parquet")]
+    tables = [storage.read_table(u) for u in parts if u.endswith(".parquet")]
     from schemas import candidate
 
     return pa.concat_tables(tables) if tables else candidate.SCHEMA.empty_table()

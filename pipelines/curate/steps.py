@@ -7,6 +7,7 @@ so a batch always satisfies ``rows_read == live rows + rejected rows``.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -16,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from pipelines.curate import filters as F
 from pipelines.balance.metaclip import is_kept, keep_probability
+from pipelines.core.config import Config, check
+from pipelines.curate import filters as F
 from pipelines.curate.readers import RawBatch
 from schemas import candidate as candidate_schema
 from schemas import conform
@@ -73,9 +75,13 @@ class PairBatch:
             setattr(self, c, [v for v, k in zip(values, keep) if k])
 
 
+DEDUP_MODES = ("url", "url_caption", "none")
+LANG_BACKENDS = ("py3langid", "langdetect")
+
+
 @dataclass(frozen=True)
-class CurateParams:
-    """Every knob of the curation stage (saved in stats.json)."""
+class CurateParams(Config):
+    """Every knob of the curation stage (saved in stats.json). Values are checked here, before any work."""
 
     min_words: int = 2
     min_chars: int = 5
@@ -91,6 +97,34 @@ class CurateParams:
     balance: bool = True  # False: keep every candidate (keep_prob still stored for a later draw)
     seed: int = 0
     batch_rows: int = 20_000
+
+    def __post_init__(self):
+        if isinstance(self.langs, str):
+            object.__setattr__(self, "langs", tuple(x for x in self.langs.split(",") if x))
+        else:
+            object.__setattr__(self, "langs", tuple(self.langs or ()))
+        w = "curate"
+        for name in ("min_words", "min_chars", "max_chars", "max_words"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{w}.{name}",
+                  f"expected an integer >= 0, got {v!r}")
+        check(self.min_chars <= self.max_chars, f"{w}.min_chars", f"{self.min_chars} > max_chars {self.max_chars}")
+        check(self.min_words <= self.max_words, f"{w}.min_words", f"{self.min_words} > max_words {self.max_words}")
+        check(self.dedup in DEDUP_MODES, f"{w}.dedup", f"expected one of {', '.join(DEDUP_MODES)}, got {self.dedup!r}")
+        check(self.lang_backend in LANG_BACKENDS, f"{w}.lang_backend",
+              f"expected one of {', '.join(LANG_BACKENDS)}, got {self.lang_backend!r}")
+        check(isinstance(self.min_lang_score, (int, float)) and 0.0 <= self.min_lang_score <= 1.0,
+              f"{w}.min_lang_score", f"expected a number in [0, 1], got {self.min_lang_score!r}")
+        check(self.t is None or (isinstance(self.t, (int, float)) and not isinstance(self.t, bool) and self.t > 0
+                                 and math.isfinite(self.t)),
+              f"{w}.t", f"expected a number > 0, got {self.t!r}")
+        check(self.target_size is None or (isinstance(self.target_size, int) and not isinstance(self.target_size, bool)
+                                           and self.target_size >= 1),
+              f"{w}.target_size", f"expected an integer >= 1, got {self.target_size!r}")
+        check(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"{w}.seed",
+              f"expected an integer, got {self.seed!r}")
+        check(isinstance(self.batch_rows, int) and self.batch_rows >= 1, f"{w}.batch_rows",
+              f"expected an integer >= 1, got {self.batch_rows!r}")
 
     @property
     def caption_cfg(self) -> F.CaptionFilterConfig:

@@ -13,16 +13,17 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from pipelines.core import reasons
 from pipelines.decontam.hashing import PHASH_SIZE
 from pipelines.images.fast_hash import DECODES
 
-# Reject reasons of the images stage (stable strings: they are counted in the manifest funnel).
-DECODE_ERROR = "decode_error"
-TOO_LARGE = "too_many_pixels"
-TOO_SMALL = "too_small"
-BAD_ASPECT = "aspect_ratio"
-EXACT_DUP = "exact_duplicate"
-NEAR_DUP = "near_duplicate"
+# Reject reasons of the images stage (the one vocabulary in pipelines.core.reasons; counted in the funnel).
+DECODE_ERROR = reasons.DECODE_ERROR
+TOO_LARGE = reasons.TOO_LARGE
+TOO_SMALL = reasons.TOO_SMALL
+BAD_ASPECT = reasons.BAD_ASPECT_RATIO
+EXACT_DUP = reasons.EXACT_DUPLICATE
+NEAR_DUP = reasons.NEAR_DUPLICATE
 MISSING_IMAGE = "missing_image"
 
 
@@ -80,15 +81,11 @@ def inspect_image(data: bytes, *, max_pixels: int = 64_000_000, reduced: bool = 
     return ImageInfo(width, height, fmt, img)
 
 
-def check_size(width: int, height: int, min_side: int) -> tuple[bool, str | None]:
-    """Keep when the shorter side is at least ``min_side`` pixels."""
-    if min(width, height) < min_side:
-        return False, TOO_SMALL
-    return True, None
+def check_size(width: int, height: int, min_side: int) -> str | None:
+    """None (keep) when the shorter side is at least ``min_side`` pixels, else the reason."""
+    return TOO_SMALL if min(width, height) < min_side else None
 
 
-def check_aspect(width: int, height: int, max_aspect: float) -> tuple[bool, str | None]:
-    """Keep when long side / short side is at most ``max_aspect``."""
-    if max(width, height) > max_aspect * min(width, height):
-        return False, BAD_ASPECT
-    return True, None
+def check_aspect(width: int, height: int, max_aspect: float) -> str | None:
+    """None (keep) when long side / short side is at most ``max_aspect``, else the reason."""
+    return BAD_ASPECT if max(width, height) > max_aspect * min(width, height) else None

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
+from pipelines.core.errors import ClipError
 from pipelines.core import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -20,7 +21,7 @@ _CARRIED = ("uid", "key", "url", "caption", "entry_ids", "status", "error_messag
             "original_width", "original_height")
 
 
-class CrawlFormatError(ValueError):
+class CrawlFormatError(ClipError, ValueError):
     """The crawl directory does not hold img2dataset webdataset output as expected."""
 
 

@@ -19,7 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.core import storage
+from pipelines.core import markers, reasons, storage
+from pipelines.core.errors import ConfigError
+from pipelines.core.config import Config, check
+from pipelines.core.stage import MARKER, Stage, StageResult
 from pipelines.core.beam import make_options
 from pipelines.images.crawl_reader import crawl_shards
 from pipelines.images.transforms import OK, REJECTED, CheckImages, ExactDedup, NearDedup, ReadCrawl, Rebalance
@@ -28,12 +31,10 @@ from schemas import entry_counts as entry_counts_schema
 from schemas import rejected as rejected_schema
 from schemas import sample as sample_schema
 
-POOL_MARKER = "_SUCCESS.json"
-BALANCE_MARKER = "balance.json"
 
 
 @dataclass(frozen=True)
-class ImagesConfig:
+class ImagesConfig(Config):
     """Parameters of the images stage (saved in its completion marker and in the manifest)."""
 
     min_side: int = 32  # shorter side of the published image, pixels
@@ -47,29 +48,34 @@ class ImagesConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ImagesConfig":
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"images config: unknown key(s) {sorted(unknown)}")
-        return cls(**d)
+        return cls.from_mapping(d, "images")
 
     def __post_init__(self):
+        w = "images"
+        for name, low in (("min_side", 1), ("max_pixels", 1), ("pool_files", 1), ("batch_size", 1)):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{w}.{name}",
+                  f"expected an integer >= {low}, got {v!r}")
+        check(isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1, f"{w}.max_aspect",
+              f"expected a number >= 1, got {self.max_aspect!r}")
+        check(isinstance(self.near_dup_radius, int) and self.near_dup_radius <= 32, f"{w}.near_dup_radius",
+              f"expected an integer <= 32 (< 0 switches near dedup off), got {self.near_dup_radius!r}")
         from pipelines.images.transforms import hash_decode
 
-        hash_decode(self.exact_hashes, self.reduced_decode)  # a contradictory pair fails here, before any work
+        try:
+            hash_decode(self.exact_hashes, self.reduced_decode)  # a contradictory pair fails here, before any work
+        except ValueError as exc:
+            raise ConfigError(f"{w}: {exc}") from None
 
 
 def pipeline_options(pipeline_args: Sequence[str] | None = None) -> PipelineOptions:
-    """DirectRunner unless the caller names another runner (Dataflow / Flink / Spark work by options alone)."""
+    """DirectRunner unless the caller names another runner (Dask / Dataflow / Flink / Spark work by options alone)."""
     return make_options(extra=list(pipeline_args or []))
 
 
 def _table_bytes(rows: list[dict], schema: pa.Schema, where: str) -> bytes:
     table = pa.Table.from_pylist(rows, schema=pa.schema([f.with_nullable(True) for f in schema]))
-    table = conform(table, schema, where=where)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
+    return storage.table_bytes(conform(table, schema, where=where))
 
 
 def write_rows(uri: str, rows: Iterable[dict], schema: pa.Schema, sort_key: str = "uid") -> str:
@@ -87,24 +93,8 @@ def write_rows(uri: str, rows: Iterable[dict], schema: pa.Schema, sort_key: str 
 def read_rows(uris: Iterable[str], columns: list[str] | None = None) -> list[dict]:
     out = []
     for uri in uris:
-        with storage.open_read(uri) as f:
-            out.extend(pq.read_table(f, columns=columns).to_pylist())
+        out.extend(storage.read_table(uri, columns=columns).to_pylist())
     return out
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _read_marker(uri: str, fingerprint: str) -> dict | None:
-    if not storage.exists(uri):
-        return None
-    marker = json.loads(storage.read_bytes(uri))
-    if marker.get("fingerprint") != fingerprint:
-        return None
-    if not all(storage.exists(u) for u in marker.get("files", [])):
-        return None
-    return marker
 
 
 def _bucket(uid: str, n: int) -> int:
@@ -113,145 +103,82 @@ def _bucket(uid: str, n: int) -> int:
 
 def pool_files(pool_dir: str) -> list[str]:
     """The samples Parquet files of a finished pool (from its completion marker)."""
-    marker_uri = storage.join(pool_dir, POOL_MARKER)
-    if not storage.exists(marker_uri):
-        raise storage.StorageError(f"{pool_dir}: no finished pool ({POOL_MARKER} missing); run process_images first")
-    return list(json.loads(storage.read_bytes(marker_uri))["stats"]["files"])
+    marker = markers.read(storage.join(pool_dir, MARKER))
+    if marker is None:
+        raise storage.StorageError(f"{pool_dir}: no finished pool ({MARKER} missing); run the images stage first")
+    return list(marker["result"]["outputs"]["pool"])
 
 
-def _funnel(rows: list[dict]) -> dict:
-    rejected: dict[str, int] = {}
-    for r in rows:
-        if r["status"] != "ok":
+class ImagesStage(Stage):
+    """img2dataset's output -> the pool table (every crawled row, with hashes, status and reason).
+
+    inputs: ``{"crawl": CRAWL_DIR}``; output: the pool directory (``samples-NNNNN-of-NNNNN.parquet``);
+    ``rejected``: one Parquet file that gets the rows this stage rejects (stages ``images`` and ``dedup``).
+    Rows the crawl could not fetch stay in the pool (status ``failed``, stage ``crawl``) but are the crawl
+    stage's to report: this stage's input is the crawl's successes.
+    """
+
+    name = "images"
+
+    def __init__(self, config: ImagesConfig | None, inputs, output: str, *, rejected: str | None = None,
+                 beam_args: Sequence[str] = ()):
+        super().__init__(config or ImagesConfig(), inputs, output,
+                         rejected=rejected or storage.join(storage.parent(output), "rejected", "images.parquet"),
+                         beam_args=beam_args)
+        self._shards: list[tuple[str, str]] | None = None
+
+    @property
+    def shards(self) -> list[tuple[str, str]]:
+        if self._shards is None:
+            self._shards = crawl_shards(self.inputs["crawl"])
+        return self._shards
+
+    def input_files(self) -> list[str]:
+        return [p for p, _t in self.shards]
+
+    def extra_fingerprint(self):
+        return {"tars": [t for _p, t in self.shards], "schema": sample_schema.VERSION}
+
+    def compute(self, fingerprint: str) -> StageResult:
+        cfg, pool_dir, crawl_dir = self.config, self.output, self.inputs["crawl"]
+        n_files = max(1, cfg.pool_files)
+        files = [storage.join(pool_dir, f"samples-{i:05d}-of-{n_files:05d}.parquet") for i in range(n_files)]
+        with beam.Pipeline(options=pipeline_options(self.beam_args)) as p:
+            records = p | "ReadCrawl" >> ReadCrawl(crawl_dir)
+            checked = records | "CheckImages" >> CheckImages(cfg.min_side, cfg.max_aspect, cfg.max_pixels,
+                                                              cfg.batch_size, cfg.reduced_decode, cfg.exact_hashes)
+            exact = checked[OK] | "ExactDedup" >> ExactDedup()
+            near = exact[OK] | "NearDedup" >> NearDedup(cfg.near_dup_radius)
+            every = ((near[OK], near[REJECTED], exact[REJECTED], checked[REJECTED]) | "AllRows" >> beam.Flatten())
+            buckets = p | "Buckets" >> beam.Create([(i, None) for i in range(n_files)])  # empty files are written
+            keyed = every | "ByFile" >> beam.Map(lambda r: (_bucket(r["uid"], n_files), r))
+            _ = ((keyed, buckets)
+                 | "WithEmpty" >> beam.Flatten()
+                 | "GroupFiles" >> beam.GroupByKey()
+                 | "WriteFile" >> beam.Map(lambda kv: write_rows(files[kv[0]], [r for r in kv[1] if r is not None],
+                                                                 sample_schema.SCHEMA)))
+
+        rows = read_rows(files, columns=["uid", "url", "caption", "status", "stage", "reason", "source"])
+        fetched = [r for r in rows if r["stage"] != reasons.CRAWL]
+        rejected_rows = [r for r in fetched if r["status"] != "ok"]
+        write_rows(self.rejected, rejected_rows, rejected_schema.SCHEMA)
+        by_reason: dict[str, int] = {}
+        for r in rejected_rows:
             key = f"{r['stage']}:{r['reason']}"
-            rejected[key] = rejected.get(key, 0) + 1
-    kept = sum(1 for r in rows if r["status"] == "ok")
-    return {"input_rows": len(rows), "kept": kept, "rejected": dict(sorted(rejected.items()))}
+            by_reason[key] = by_reason.get(key, 0) + 1
+        crawl_failed: dict[str, int] = {}
+        for r in rows:
+            if r["stage"] == reasons.CRAWL:
+                crawl_failed[r["reason"]] = crawl_failed.get(r["reason"], 0) + 1
+        return StageResult(stage="images", input_rows=len(fetched), kept=len(fetched) - len(rejected_rows),
+                           rejected=by_reason, outputs={"pool": files, "rejected": self.rejected},
+                           params=self.params(), fingerprint=fingerprint,
+                           details={"crawled_rows": len(rows), "crawl_failed": dict(sorted(crawl_failed.items()))})
 
 
 def process_images(crawl_dir: str, pool_dir: str, cfg: ImagesConfig | dict | None = None, *,
-                   rejected_uri: str | None = None, pipeline_args: Sequence[str] | None = None) -> dict:
-    """img2dataset output -> ``pool_dir/samples-NNNNN-of-NNNNN.parquet`` (+ rejected rows); returns the stats.
-
-    ``rejected_uri`` (default ``pool_dir/../rejected/images.parquet``) gets every crawled row that is not ``ok``:
-    crawl failures (stage ``crawl``), failed checks (``images``) and duplicates (``dedup``). Stats:
-    ``{"input_rows", "kept", "rejected": {"stage:reason": n}, "files", "params"}``.
-    """
+                   rejected_uri: str | None = None, pipeline_args: Sequence[str] | None = None) -> StageResult:
+    """Run :class:`ImagesStage` (reusing a finished pool with the same inputs and config)."""
     cfg = cfg if isinstance(cfg, ImagesConfig) else ImagesConfig.from_dict(cfg)
-    rejected_uri = rejected_uri or storage.join(storage.parent(pool_dir), "rejected", "images.parquet")
-    inputs = [(p, storage.sha256_of(p), t) for p, t in crawl_shards(crawl_dir)]
-    params = dataclasses.asdict(cfg)
-    fingerprint = _fingerprint({"inputs": inputs, "params": params, "rejected_uri": rejected_uri,
-                                "schema": sample_schema.VERSION})
-    marker_uri = storage.join(pool_dir, POOL_MARKER)
-    done = _read_marker(marker_uri, fingerprint)
-    if done is not None:
-        return done["stats"]
-
-    n_files = max(1, cfg.pool_files)
-    files = [storage.join(pool_dir, f"samples-{i:05d}-of-{n_files:05d}.parquet") for i in range(n_files)]
-    with beam.Pipeline(options=pipeline_options(pipeline_args)) as p:
-        records = p | "ReadCrawl" >> ReadCrawl(crawl_dir)
-        checked = records | "CheckImages" >> CheckImages(cfg.min_side, cfg.max_aspect, cfg.max_pixels, cfg.batch_size,
-                                                          cfg.reduced_decode, cfg.exact_hashes)
-        exact = checked[OK] | "ExactDedup" >> ExactDedup()
-        near = exact[OK] | "NearDedup" >> NearDedup(cfg.near_dup_radius)
-        every = ((near[OK], near[REJECTED], exact[REJECTED], checked[REJECTED]) | "AllRows" >> beam.Flatten())
-        buckets = p | "Buckets" >> beam.Create([(i, None) for i in range(n_files)])  # empty files are written too
-        keyed = every | "ByFile" >> beam.Map(lambda r: (_bucket(r["uid"], n_files), r))
-        _ = ((keyed, buckets)
-             | "WithEmpty" >> beam.Flatten()
-             | "GroupFiles" >> beam.GroupByKey()
-             | "WriteFile" >> beam.Map(lambda kv: write_rows(files[kv[0]], [r for r in kv[1] if r is not None],
-                                                             sample_schema.SCHEMA)))
-
-    rows = read_rows(files, columns=["uid", "url", "caption", "status", "stage", "reason", "source"])
-    write_rows(rejected_uri, [r for r in rows if r["status"] != "ok"], rejected_schema.SCHEMA)
-    stats = {"stage": "images", **_funnel(rows), "files": files, "rejected_uri": rejected_uri, "params": params}
-    storage.write_bytes_atomic(marker_uri, json.dumps(
-        {"fingerprint": fingerprint, "files": files + [rejected_uri], "stats": stats}, indent=1,
-        sort_keys=True).encode())
-    return stats
-
-
-def _uids_from(uris: Iterable[str]) -> set[str]:
-    out: set[str] = set()
-    for uri in uris:
-        out.update(r["uid"] for r in read_rows([uri], columns=["uid"]))
-    return out
-
-
-def rebalance(pool_dir: str, out_dir: str, *, t: float | None = None, target_size: int | None = None,
-              seed: int = 0, exclude: Sequence[str] = (), rejected_uri: str | None = None,
-              pipeline_args: Sequence[str] | None = None) -> dict:
-    """Second MetaCLIP balancing pass over the pool's ``ok`` rows minus ``exclude`` (Parquet files with ``uid``).
-
-    Writes ``out_dir/kept.parquet`` (the kept uid set, sorted), ``out_dir/entry_counts_before.parquet`` and
-    ``_after.parquet``, rejected rows (stage ``balance``) to ``rejected_uri`` (default
-    ``out_dir/../rejected/balance.parquet``) and ``out_dir/balance.json`` last. Rows named by ``exclude`` are
-    left out silently: the stage that excluded them (decontamination) reports them. Returns the balance.json dict:
-    ``{"t", "seed", "target_size", "input_rows", "kept", "kept_uri", "counts_before", "counts_after", ...}``.
-    """
-    if (t is None) == (target_size is None):
-        raise ValueError("rebalance: give exactly one of t or target_size")
-    rejected_uri = rejected_uri or storage.join(storage.parent(out_dir), "rejected", "balance.parquet")
-    files = pool_files(pool_dir)
-    exclude = sorted(exclude)
-    fingerprint = _fingerprint({"pool": [(f, storage.sha256_of(f)) for f in files],
-                                "exclude": [(u, storage.sha256_of(u)) for u in exclude],
-                                "t": t, "target_size": target_size, "seed": seed, "rejected_uri": rejected_uri})
-    marker_uri = storage.join(out_dir, BALANCE_MARKER)
-    done = _read_marker(marker_uri, fingerprint)
-    if done is not None:
-        return done["result"]
-
-    excluded = _uids_from(exclude)
-    kept_uri = storage.join(out_dir, "kept.parquet")
-    before_uri = storage.join(out_dir, "entry_counts_before.parquet")
-    after_uri = storage.join(out_dir, "entry_counts_after.parquet")
-    t_uri = storage.join(out_dir, "t.json")
-    cols = ["uid", "url", "caption", "entry_ids", "status", "source"]
-
-    def pool_rows(uri):
-        for r in read_rows([uri], columns=cols):
-            if r["status"] == "ok" and r["uid"] not in excluded:
-                yield r
-
-    def write_counts(uri):
-        return lambda pairs: write_rows(uri, [{"entry_id": int(e), "count": int(c)} for e, c in pairs],
-                                        entry_counts_schema.SCHEMA, sort_key="entry_id")
-
-    with beam.Pipeline(options=pipeline_options(pipeline_args)) as p:
-        rows = p | "PoolFiles" >> beam.Create(files) | "ReadPool" >> beam.FlatMap(pool_rows)
-        out = rows | "Rebalance" >> Rebalance(t=t, target_size=target_size, seed=seed)
-        _ = (out[OK] | "KeptUids" >> beam.Map(lambda r: {"uid": r["uid"]}) | "AllKept" >> beam.combiners.ToList()
-             | "WriteKept" >> beam.Map(lambda rs: write_rows(kept_uri, rs, pa.schema([pa.field("uid", pa.string(),
-                                                                                          nullable=False)]))))
-        _ = (out[REJECTED] | "AllDropped" >> beam.combiners.ToList()
-             | "WriteDropped" >> beam.Map(lambda rs: write_rows(rejected_uri, rs, rejected_schema.SCHEMA)))
-        _ = out["counts_before"] | "AllBefore" >> beam.combiners.ToList() | "WriteBefore" >> beam.Map(
-            write_counts(before_uri))
-        _ = out["counts_after"] | "AllAfter" >> beam.combiners.ToList() | "WriteAfter" >> beam.Map(
-            write_counts(after_uri))
-        _ = out["t"] | "WriteT" >> beam.Map(lambda v: storage.write_bytes_atomic(t_uri, json.dumps(v).encode()))
-
-    def counts(uri):
-        return {int(r["entry_id"]): int(r["count"]) for r in read_rows([uri])}
-
-    kept = read_rows([kept_uri])
-    result = {
-        "t": json.loads(storage.read_bytes(t_uri)), "seed": seed, "target_size": target_size,
-        "input_rows": len(kept) + len(read_rows([rejected_uri], columns=["uid"])), "kept": len(kept),
-        "excluded": len(excluded), "kept_uri": kept_uri, "rejected_uri": rejected_uri,
-        "counts_before": {str(k): v for k, v in sorted(counts(before_uri).items())},
-        "counts_after": {str(k): v for k, v in sorted(counts(after_uri).items())},
-    }
-    storage.write_bytes_atomic(marker_uri, json.dumps(
-        {"fingerprint": fingerprint, "files": [kept_uri, before_uri, after_uri, rejected_uri, t_uri],
-         "result": result}, indent=1, sort_keys=True).encode())
-    return result
-
-
-def kept_uids(balance_dir: str) -> list[str]:
-    """The kept uid set written by :func:`rebalance`, sorted."""
-    return [r["uid"] for r in read_rows([storage.join(balance_dir, "kept.parquet")])]
+    return ImagesStage(cfg, {"crawl": crawl_dir}, pool_dir, rejected=rejected_uri,
+                       beam_args=pipeline_args or ()).run()

@@ -76,8 +76,8 @@ class _CheckBatch(beam.DoFn):
             # Size and shape are judged on the image as published (img2dataset may have resized or padded it).
             w = rec.get("original_width") or info.width
             h = rec.get("original_height") or info.height
-            for ok, reason in (checks.check_size(w, h, self.min_side), checks.check_aspect(w, h, self.max_aspect)):
-                if not ok:
+            for reason in (checks.check_size(w, h, self.min_side), checks.check_aspect(w, h, self.max_aspect)):
+                if reason:
                     yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", reason))
                     break
             else:
@@ -194,7 +194,7 @@ class Rebalance(beam.PTransform):
 
     The counts come from a Beam combine over the pool that actually survived; ``t`` is given, or solved with
     :func:`pipelines.balance.solve_t` so the expected kept count reaches ``target_size``. The draw depends only on
-    (seed, uid). Outputs: ``ok`` kept rows, ``rejected`` rows (reason ``balance_not_sampled``), ``counts_before``
+    (seed, uid). Outputs: ``ok`` kept rows, ``rejected`` rows (reason ``not_sampled``), ``counts_before``
     and ``counts_after`` ((entry_id, count) pairs) and ``t`` (a singleton).
     """
 
@@ -223,7 +223,7 @@ class Rebalance(beam.PTransform):
             if balance.is_kept(seed, row["uid"], p):
                 yield row
             else:
-                yield pvalue.TaggedOutput(REJECTED, _reject(row, "balance", "balance_not_sampled"))
+                yield pvalue.TaggedOutput(REJECTED, _reject(row, "balance", "not_sampled"))
 
         decided = rows | "Draw" >> beam.FlatMap(decide, counts_dict, beam.pvalue.AsSingleton(t_value)).with_outputs(
             REJECTED, main=OK)

@@ -16,11 +16,17 @@ import platform
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 
 import apache_beam as beam
 
-from pipelines.core import storage
+import pyarrow as pa
+
+from pipelines.core import markers, storage
+from pipelines.core.config import Config, check
+from pipelines.core.errors import ClipError, ConfigError
+from pipelines.core.stage import Stage, StageResult
 from pipelines.images.stage import pipeline_options, pool_files, read_rows, _table_bytes
 from pipelines.shard.tarball import write_samples
 from schemas import manifest as manifest_schema
@@ -31,7 +37,7 @@ DONE_DIR = "_done"
 _SHARD_COLS = [f.name for f in sample_schema.SHARD_SCHEMA if f.name != "key"]
 
 
-class ShardError(ValueError):
+class ShardError(ClipError):
     """The kept set and the pool disagree, or an image read back does not match its recorded hash."""
 
 
@@ -39,10 +45,25 @@ def order_key(seed: int, uid: str) -> bytes:
     return hashlib.blake2b(f"{seed}:shard:{uid}".encode(), digest_size=16).digest()
 
 
+@dataclass(frozen=True)
+class ShardConfig(Config):
+    """How the published shards are cut: samples per shard and the seed of the shard order."""
+
+    samples_per_shard: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        check(isinstance(self.samples_per_shard, int) and not isinstance(self.samples_per_shard, bool)
+              and self.samples_per_shard >= 1, "shard.samples_per_shard",
+              f"expected an integer >= 1, got {self.samples_per_shard!r}")
+        check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "shard.seed",
+              f"expected an integer, got {self.seed!r}")
+
+
 def plan_shards(rows: list[dict], samples_per_shard: int, seed: int) -> list[list[dict]]:
     """Rows in seeded-hash order, cut into shards of ``samples_per_shard`` (the last may be smaller)."""
     if samples_per_shard <= 0:
-        raise ValueError("samples_per_shard must be positive")
+        raise ConfigError(f"samples_per_shard must be positive, got {samples_per_shard}")
     ordered = sorted(rows, key=lambda r: (order_key(seed, r["uid"]), r["uid"]))
     return [ordered[i:i + samples_per_shard] for i in range(0, len(ordered), samples_per_shard)]
 
@@ -82,15 +103,12 @@ def _read_images(rows: list[dict]) -> dict[str, bytes]:
 
 
 def _shard_is_done(dest: str, name: str, plan: str) -> dict | None:
-    marker_uri = storage.join(dest, DONE_DIR, f"{name}.json")
-    if not storage.exists(marker_uri):
-        return None
-    marker = json.loads(storage.read_bytes(marker_uri))
-    if marker.get("plan") != plan:
+    """The shard's recorded result when its marker matches the plan and its files have the recorded hashes."""
+    marker = markers.done(storage.join(dest, DONE_DIR, f"{name}.json"), plan)
+    if marker is None:
         return None
     for ext in ("tar", "parquet"):
-        uri = storage.join(dest, f"{name}.{ext}")
-        if not storage.exists(uri) or storage.sha256_of(uri) != marker[f"{ext}_sha256"]:
+        if storage.sha256_of(storage.join(dest, f"{name}.{ext}")) != marker[f"{ext}_sha256"]:
             return None
     return marker
 
@@ -116,11 +134,12 @@ def write_one_shard(index: int, rows: list[dict], dest: str) -> dict:
     finally:
         os.unlink(tmp)
     storage.write_bytes_atomic(storage.join(dest, f"{name}.parquet"), parquet_bytes)
-    marker = {"name": f"{name}.tar", "n": len(rows), "plan": plan, "tar_sha256": tar_sha,
-              "parquet_sha256": hashlib.sha256(parquet_bytes).hexdigest()}
-    storage.write_bytes_atomic(storage.join(dest, DONE_DIR, f"{name}.json"),
-                               json.dumps(marker, sort_keys=True).encode())
-    return marker
+    tar_uri, parquet_uri = storage.join(dest, f"{name}.tar"), storage.join(dest, f"{name}.parquet")
+    result = {"name": f"{name}.tar", "n": len(rows), "plan": plan, "tar_sha256": tar_sha,
+              "parquet_sha256": hashlib.sha256(parquet_bytes).hexdigest(),
+              "tar_bytes": storage.size_of(tar_uri), "parquet_bytes": len(parquet_bytes)}
+    markers.write(storage.join(dest, DONE_DIR, f"{name}.json"), plan, [tar_uri, parquet_uri], result)
+    return result
 
 
 def _load_kept(kept_uids: Sequence[str] | str) -> list[str]:
@@ -141,37 +160,70 @@ def _remove_stale(dest: str, n_shards: int) -> None:
             storage.delete(uri)
 
 
+class ShardStage(Stage):
+    """Kept uid set + pool -> the published shards. inputs: ``{"pool": POOL_DIR, "kept": KEPT_PARQUET}``;
+    output: the shards directory. Every kept uid must be an ``ok`` row of the pool (else :class:`ShardError`)."""
+
+    name = "shard"
+
+    def input_files(self) -> list[str]:
+        return pool_files(self.inputs["pool"]) + [self.inputs["kept"]]
+
+    def verify(self, recorded: StageResult) -> bool:
+        # cheap check that no published shard was damaged (truncated, replaced) since it was written
+        for s in recorded.details["shards"]:
+            stem = storage.join(self.output, s["name"][:-4])
+            for ext in ("tar", "parquet"):
+                if storage.size_of(f"{stem}.{ext}") != s[f"{ext}_bytes"]:
+                    return False
+        return True
+
+    def compute(self, fingerprint: str) -> StageResult:
+        cfg, dest, pool_dir = self.config, self.output, self.inputs["pool"]
+        kept = _load_kept(self.inputs["kept"])
+        wanted = set(kept)
+        if len(wanted) != len(kept):
+            raise ShardError(f"{self.inputs['kept']}: the kept uid set has duplicates")
+        rows = [r for r in read_rows(pool_files(pool_dir)) if r["uid"] in wanted and r["status"] == "ok"]
+        found = {r["uid"] for r in rows}
+        if found != wanted:
+            missing = sorted(wanted - found)
+            raise ShardError(f"{len(missing)} kept uid(s) are not ok rows of the pool {pool_dir}, e.g. {missing[0]}")
+        plan = plan_shards(rows, cfg.samples_per_shard, cfg.seed)
+        _remove_stale(dest, len(plan))
+        with beam.Pipeline(options=pipeline_options(self.beam_args)) as p:
+            _ = (p
+                 | "Plan" >> beam.Create(list(enumerate(plan)))
+                 | "Spread" >> beam.Reshuffle()
+                 | "WriteShard" >> beam.Map(lambda item: write_one_shard(item[0], item[1], dest)))
+        # Markers (not Beam's in-memory results) are the record, so a runner on other machines works the same.
+        shards = [markers.read(storage.join(dest, DONE_DIR, f"{i:05d}.json"))["result"] for i in range(len(plan))]
+        sizes = {s["name"]: s["n"] for s in shards}
+        sizes_uri = storage.write_json(storage.join(dest, "sizes.json"), sizes)
+        files = [storage.join(dest, s["name"][:-4] + ext) for s in shards for ext in (".tar", ".parquet")]
+        n = sum(s["n"] for s in shards)
+        return StageResult(stage="shard", input_rows=len(kept), kept=n, rejected={},
+                           outputs={"shards": files, "sizes": sizes_uri}, params=self.params(),
+                           fingerprint=fingerprint, details={"shards": shards})
+
+
 def write_shards(pool_dir: str, kept_uids: Sequence[str] | str, dest: str, samples_per_shard: int = 10_000,
                  seed: int = 0, *, pipeline_args: Sequence[str] | None = None) -> list[dict]:
-    """Write the final shards for ``kept_uids`` (a list, or a Parquet URI with a ``uid`` column) into ``dest``.
+    """Write the final shards for ``kept_uids`` (a Parquet URI with a ``uid`` column, or a list) into ``dest``.
 
-    Returns one dict per shard, in order: ``{"name": "00000.tar", "n", "tar_sha256", "parquet_sha256", "plan"}``.
-    Every kept uid must be an ``ok`` row of the pool, else :class:`ShardError` names the first missing one.
+    Returns one dict per shard, in order: ``{"name": "00000.tar", "n", "tar_sha256", "parquet_sha256", "plan",
+    "tar_bytes", "parquet_bytes"}``.
     """
-    kept = _load_kept(kept_uids)
-    wanted = set(kept)
-    if len(wanted) != len(kept):
-        raise ShardError("kept uid set has duplicates")
-    rows = [r for r in read_rows(pool_files(pool_dir)) if r["uid"] in wanted and r["status"] == "ok"]
-    found = {r["uid"] for r in rows}
-    if found != wanted:
-        missing = sorted(wanted - found)
-        raise ShardError(f"{len(missing)} kept uid(s) are not ok rows of the pool {pool_dir}, e.g. {missing[0]}")
-    plan = plan_shards(rows, samples_per_shard, seed)
-    _remove_stale(dest, len(plan))
-    with beam.Pipeline(options=pipeline_options(pipeline_args)) as p:
-        _ = (p
-             | "Plan" >> beam.Create(list(enumerate(plan)))
-             | "Spread" >> beam.Reshuffle()
-             | "WriteShard" >> beam.Map(lambda item: write_one_shard(item[0], item[1], dest)))
-    # Markers (not Beam's in-memory results) are the record, so a runner on other machines works the same.
-    shards = []
-    for i in range(len(plan)):
-        marker = json.loads(storage.read_bytes(storage.join(dest, DONE_DIR, f"{i:05d}.json")))
-        shards.append(marker)
-    sizes = {s["name"]: s["n"] for s in shards}
-    storage.write_bytes_atomic(storage.join(dest, "sizes.json"), json.dumps(sizes, indent=1, sort_keys=True).encode())
-    return shards
+    if not isinstance(kept_uids, str):  # a list: written next to the shards' markers so the stage can hash it
+        uids = list(kept_uids)
+        kept_uri = storage.join(dest, DONE_DIR, "kept.parquet")
+        table = pa.table({"uid": pa.array(uids, pa.string())})
+        if not storage.exists(kept_uri) or not storage.read_table(kept_uri).equals(table):
+            storage.write_table(kept_uri, table)
+        kept_uids = kept_uri
+    stage = ShardStage(ShardConfig(samples_per_shard, seed), {"pool": pool_dir, "kept": kept_uids}, dest,
+                       beam_args=pipeline_args or ())
+    return stage.run().details["shards"]
 
 
 def tool_versions() -> dict[str, str]:
