@@ -7,6 +7,7 @@ through untouched (``--project=... --region=... --temp_location=gs://...`` for D
 """
 from __future__ import annotations
 
+import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.core.errors import ConfigError
@@ -14,12 +15,14 @@ from pipelines.core.errors import ConfigError
 # Short names users type -> what Beam's --runner option takes.
 RUNNERS = {
     "direct": "DirectRunner",
-    "dask": "apache_beam.runners.dask.dask_runner.DaskRunner",
+    "dask": "pipelines.core.dask_runner.DaskRunner",  # Beam's DaskRunner with its defects fixed (see there)
     "dataflow": "DataflowRunner",
     "flink": "FlinkRunner",
     "spark": "SparkRunner",
 }
 _KNOWN = {v.rsplit(".", 1)[-1].lower(): v for v in RUNNERS.values()}
+# Beam's own class path for Dask gives wrong results on multi-output and multi-branch pipelines: use ours.
+_ALIASES = {"apache_beam.runners.dask.dask_runner.DaskRunner": RUNNERS["dask"]}
 
 
 def resolve_runner(name: str) -> str:
@@ -29,6 +32,8 @@ def resolve_runner(name: str) -> str:
         return RUNNERS[key.lower()]
     if key in RUNNERS.values():
         return key
+    if key in _ALIASES:
+        return _ALIASES[key]
     if key.lower() in _KNOWN:
         return _KNOWN[key.lower()]
     if key.lower().endswith("runner") and key.lower()[:-6] in RUNNERS:
@@ -63,3 +68,69 @@ def make_options(runner: str = "direct", workers: int = 1, extra: list[str] | No
         else:
             args += ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
     return PipelineOptions(args)
+
+
+# ------------------------------------------------------------------------------------ multi-output, runner-neutral
+
+MAIN = "__main__"
+
+
+class _AsPairs(beam.DoFn):
+    """Runs a DoFn (or a plain function) and emits every output as a (tag, value) pair on ONE output.
+
+    Beam's DaskRunner (2.77) sends all outputs of a multi-output ParDo into one bag (its ``OneReceiver``), so
+    ``.with_outputs(...)`` silently mixes PCollections there. Pairs + per-tag filters mean the same on every runner.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def setup(self):
+        if isinstance(self.fn, beam.DoFn):
+            self.fn.setup()
+
+    def teardown(self):
+        if isinstance(self.fn, beam.DoFn):
+            self.fn.teardown()
+
+    def process(self, element, *args, **kwargs):
+        outs = self.fn.process(element, *args, **kwargs) if isinstance(self.fn, beam.DoFn) \
+            else self.fn(element, *args, **kwargs)
+        for out in outs or ():
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield out.tag, out.value
+            else:
+                yield MAIN, out
+
+
+class Outputs(dict):
+    """Tagged PCollections, by item (``out["rejected"]``) or attribute (``out.rejected``), like Beam's
+    DoOutputsTuple."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _pick(pair, tag):
+    return [pair[1]] if pair[0] == tag else []
+
+
+class MultiOutput(beam.PTransform):
+    """``pcoll | MultiOutput(fn, tags, main="ok", args=...)`` instead of ``beam.ParDo(fn, ...).with_outputs(...)``:
+    ``fn`` (a DoFn or a function returning an iterable) yields plain values for the main output and
+    ``TaggedOutput(tag, value)`` for the others; returns :class:`Outputs` keyed by ``main`` and each tag."""
+
+    def __init__(self, fn, tags, main: str = "main", args=(), kwargs=None):
+        super().__init__()
+        self.fn, self.tags, self.main, self.args, self.kwargs = fn, tuple(tags), main, tuple(args), dict(kwargs or {})
+
+    def expand(self, pcoll):
+        pairs = pcoll | "Tagged" >> beam.ParDo(_AsPairs(self.fn), *self.args, **self.kwargs)
+        out = Outputs()
+        out[self.main] = pairs | f"Out[{self.main}]" >> beam.FlatMap(_pick, MAIN)
+        for tag in self.tags:
+            out[tag] = pairs | f"Out[{tag}]" >> beam.FlatMap(_pick, tag)
+        return out

@@ -148,10 +148,10 @@ class EnglishLexicon:
             pass
         lex = cls.build(min_zipf, margin)
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"known": sorted(lex.known), "specific": sorted(lex.specific)}))
-            os.replace(tmp, path)
+            from pipelines.core import storage
+
+            storage.write_bytes_atomic(str(path), json.dumps({"known": sorted(lex.known),
+                                                              "specific": sorted(lex.specific)}).encode())
         except OSError:
             pass  # an unwritable cache only costs the rebuild next time
         return lex

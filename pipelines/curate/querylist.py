@@ -204,16 +204,9 @@ def save(qlist: QueryList, path: str) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(qlist.to_table(), sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
-    if path.startswith("s3://"):
-        from pipelines.core import storage
+    from pipelines.core import storage
 
-        storage.write_bytes_atomic(path, data)
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(path, data)
 
 
 def stats(qlist: QueryList) -> dict:

@@ -17,9 +17,7 @@ on the inputs and parameters, never on the runner or the number of workers.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
-import io
 import json
 import logging
 import time
@@ -29,7 +27,6 @@ from importlib.metadata import version
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.curate import steps as S
 from pipelines.curate import querylist as QL
@@ -37,7 +34,7 @@ from pipelines.core import markers, storage
 from pipelines.core.stage import MARKER, Stage, StageResult
 from pipelines.core.storage import StorageError
 from pipelines.balance.metaclip import DEFAULT_T, solve_t_from_sample
-from pipelines.core.beam import make_options
+from pipelines.core.beam import MultiOutput, make_options
 from pipelines.curate.readers import InputFile, read_batches, resolve_inputs
 from schemas import conform
 from schemas import entry_counts as counts_schema
@@ -77,7 +74,7 @@ class ReadRawPairs(beam.PTransform):
         return (pbegin
                 | "Files" >> beam.Create(self.inputs)
                 | "Spread" >> beam.Reshuffle()
-                | "Read" >> beam.ParDo(_ReadFile(self.batch_rows)).with_outputs("files", main="batches"))
+                | "Read" >> MultiOutput(_ReadFile(self.batch_rows), ["files"], main="batches"))
 
 
 class FilterRecords(beam.PTransform):
@@ -151,8 +148,7 @@ class SpillMatched(beam.PTransform):
         self.tmp, self.dedup = tmp, dedup
 
     def expand(self, batches):
-        return batches | "Spill" >> beam.ParDo(_SpillFn(self.tmp, self.dedup)).with_outputs("dedup_keys",
-                                                                                            main="refs")
+        return batches | "Spill" >> MultiOutput(_SpillFn(self.tmp, self.dedup), ["dedup_keys"], main="refs")
 
 
 def _join_losers(element):
@@ -215,8 +211,8 @@ class IdentifyLanguage(beam.PTransform):
         self.params, self.tmp = params, tmp
 
     def expand(self, refs_with_losers):
-        return refs_with_losers | "Language" >> beam.ParDo(_LanguageFn(self.params, self.tmp)).with_outputs(
-            "counts", "sample", "pool_size", main="refs")
+        return refs_with_losers | "Language" >> MultiOutput(_LanguageFn(self.params, self.tmp),
+                                                            ["counts", "sample", "pool_size"], main="refs")
 
 
 class _SumCounts(beam.CombineFn):
@@ -228,13 +224,15 @@ class _SumCounts(beam.CombineFn):
 
     def add_input(self, acc, part):
         ids, counts = part
+        acc = acc.copy()  # never mutate: a runner may hand the same accumulator object to several consumers
         np.add.at(acc, ids, counts)
         return acc
 
     def merge_accumulators(self, accs):
-        accs = list(accs)
-        total = accs[0]
-        for a in accs[1:]:
+        # A new array: some runners (Dask) hand the same accumulator object to several consumers, so merging
+        # in place into accs[0] would change what another step reads.
+        total = np.zeros(self.n, np.int64)
+        for a in accs:
             total += a
         return total
 
@@ -277,12 +275,25 @@ def _solve_t(sample, counts, target: int, pool_size: int) -> float:
 
 
 class _BalanceWriteFn(beam.DoFn):
+    """Balance one batch with the global entry counts and write its candidates and rejected rows.
+
+    The counts travel through storage (``entry_counts.parquet``, written by WriteCounts), not as a runner side
+    input: only the small summary dict orders this step after the count, and every worker reads the same file.
+    """
+
     def __init__(self, out: str, params: S.CurateParams, tmp: str, rejected_out: str):
         self.out, self.params, self.tmp, self.rejected_out = out, params, tmp, rejected_out
+        self._counts = None
 
-    def process(self, ref, counts, t):
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            table = storage.read_table(storage.join(self.out, "entry_counts.parquet"))
+            self._counts = table.column("count").to_numpy().astype(np.int64)
+        return self._counts
+
+    def process(self, ref, balance_info):
         batch = _unspill(ref, self.tmp, "live")
-        candidates, rejected = S.balance_batch(batch, counts, t, self.params)
+        candidates, rejected = S.balance_batch(batch, self.counts(), float(balance_info["t"]), self.params)
         name = f"part-{batch.batch_id}.parquet"
         _write_parquet(storage.join(self.out, "candidates", name), candidates)
         _write_parquet(storage.join(self.rejected_out, f"{REJECTED_PREFIX}{name}"), rejected)
@@ -292,15 +303,15 @@ class _BalanceWriteFn(beam.DoFn):
 class BalanceAndWrite(beam.PTransform):
     """keep_prob = 1 - prod(1 - p_e) from the global counts, the per-uid draw, and one Parquet per batch."""
 
-    def __init__(self, out: str, params: S.CurateParams, tmp: str, counts, t, rejected_out: str):
+    def __init__(self, out: str, params: S.CurateParams, tmp: str, balance_info, rejected_out: str):
         super().__init__()
-        self.out, self.params, self.tmp, self.counts, self.t = out, params, tmp, counts, t
+        self.out, self.params, self.tmp, self.balance_info = out, params, tmp, balance_info
         self.rejected_out = rejected_out
 
     def expand(self, refs):
         return refs | "BalanceWrite" >> beam.ParDo(
             _BalanceWriteFn(self.out, self.params, self.tmp, self.rejected_out),
-            beam.pvalue.AsSingleton(self.counts), beam.pvalue.AsSingleton(self.t))
+            beam.pvalue.AsSingleton(self.balance_info))
 
 
 def _write_parquet(uri: str, table: pa.Table, durable: bool = True) -> None:
@@ -422,7 +433,7 @@ class CurateStage(Stage):
                 t = p | "FixedT" >> beam.Create([float(params.t)])
             balance_info = (counts
                             | "WriteCounts" >> beam.Map(_write_counts, out, beam.pvalue.AsSingleton(t)))
-            batch_stats = live.refs | "BalanceAndWrite" >> BalanceAndWrite(out, params, tmp, counts, t, rejected_out)
+            batch_stats = live.refs | "BalanceAndWrite" >> BalanceAndWrite(out, params, tmp, balance_info, rejected_out)
             files_info = read.files | "ListFiles" >> beam.combiners.ToList()
             (batch_stats
              | "MergeStats" >> beam.combiners.ToList()

@@ -35,6 +35,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipelines.core import storage
 from pipelines.synthweb import captions as C
 from pipelines.synthweb import contamination as K
 from pipelines.synthweb import hostile as H
@@ -150,10 +151,7 @@ def _scene(row: _Row) -> Scene:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(str(path), data)
 
 
 def _near_duplicate(jpeg: bytes, variant: str, rng: np.random.Generator) -> bytes:

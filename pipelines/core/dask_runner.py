@@ -1,0 +1,155 @@
+"""Beam's DaskRunner with the three defects that make it unusable for real pipelines fixed.
+
+Beam 2.77's ``apache_beam.runners.dask.dask_runner.DaskRunner`` (experimental) translates each PTransform to a
+``dask.bag`` operation. Run as is against a dask.distributed cluster it silently gives wrong results
+(measured on clipline's curation stage: 198 kept rows instead of 1,188, with the entry counts seen by the balancing
+step multiplied by 7):
+
+1. **One receiver for every output of a ParDo.** Main and tagged outputs land in one bag (``OneReceiver``), so
+   consumers of ``.with_outputs(...)`` PCollections each see every output.
+2. **Receivers shared across partitions.** The receiver list is created once on the client and pickled into every
+   partition's task; tasks that run in the same worker process share it, so a partition's output includes what
+   earlier partitions emitted (duplicates), and whatever ``finish_bundle`` emits is lost.
+3. **Only the last bag is computed.** Every branch of the graph that does not feed the last transform (e.g. a
+   step that writes rejected rows) never runs.
+
+This runner keeps Beam's translation of Create / GroupByKey / Flatten and replaces the rest: one bag per
+*PCollection* (a ParDo's bag holds (tag, value) pairs and each output PCollection is a filtered view of it),
+receivers created inside each partition (finish_bundle outputs included), and every leaf bag computed. Use it as
+``--runner dask`` (clipline's short name) or by its class path ``pipelines.core.dask_runner.DaskRunner``, with
+``--dask_client_address=tcp://HOST:8786``.
+"""
+from __future__ import annotations
+
+import typing as t
+
+import apache_beam
+from apache_beam import pvalue
+from apache_beam.pipeline import PipelineVisitor
+from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, Receiver, _OutputHandler
+from apache_beam.runners.dask import dask_runner as beam_dask
+from apache_beam.runners.dask import transform_evaluator as te
+from apache_beam.runners.dask.overrides import dask_overrides
+from apache_beam.transforms.core import DoFn
+from apache_beam.transforms.sideinputs import SideInputMap
+from apache_beam.utils.windowed_value import WindowedValue
+
+_MAIN = "__main__"
+
+
+class _ListReceiver(Receiver):
+    def __init__(self, tag: str, sink: list):
+        self.tag, self.sink = tag, sink
+
+    def receive(self, windowed_value: WindowedValue):
+        self.sink.append((self.tag, windowed_value))
+
+
+class _Receivers(dict):
+    """Receivers of ONE bundle (partition): every output becomes (tag, windowed value) in ``sink``."""
+
+    def __init__(self):
+        super().__init__()
+        self.sink: list = []
+
+    def __missing__(self, key):
+        self[key] = _ListReceiver(_MAIN if key is None else key, self.sink)
+        return self[key]
+
+
+def _run_bundle(items, fn, window_fn, side_inputs, args, kwargs, label):
+    """Run a DoFn over one partition with receivers of its own; returns (tag, WindowedValue) pairs, including
+    what finish_bundle emits."""
+    receivers = _Receivers()
+    invoker = DoFnInvoker.create_invoker(
+        DoFnSignature(fn),
+        _OutputHandler(window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers,
+                       per_element_output_counter=None, output_batch_converter=None,
+                       process_yields_batches=False, process_batch_yields_elements=False),
+        context=DoFnContext(label, state=None), side_inputs=side_inputs, input_args=args, input_kwargs=kwargs,
+        user_state_context=None, bundle_finalizer_param=DoFn.BundleFinalizerParam())
+    invoker.invoke_setup()
+    invoker.invoke_start_bundle()
+    for item in items:
+        invoker.invoke_process(te.get_windowed_value(item, window_fn))
+    invoker.invoke_finish_bundle()
+    invoker.invoke_teardown()
+    return receivers.sink
+
+
+def _select(pairs, tag):
+    return [v.value for k, v in pairs if k == tag]
+
+
+def _side_input_maps(transform_node, bag_of) -> list[SideInputMap] | None:
+    side_inputs = list(transform_node.side_inputs)
+    if not side_inputs:
+        return None
+    return [SideInputMap(type(si), si._view_options(), te.DaskBagWindowedIterator(bag_of(si.pvalue),
+                                                                                   si._window_mapping_fn))
+            for si in side_inputs]
+
+
+class DaskRunner(beam_dask.DaskRunner):
+    """Beam's DaskRunner with per-output bags, per-partition receivers and every leaf computed (see above)."""
+
+    @staticmethod
+    def to_dask_bag_visitor(bag_kwargs=None) -> PipelineVisitor:
+        bag_kwargs = bag_kwargs or {}
+
+        class Visitor(PipelineVisitor):
+            def __init__(self):
+                self.bags: dict[pvalue.PCollection, t.Any] = {}  # one bag per PCollection
+                self.consumed: set[int] = set()
+
+            def bag_of(self, pcoll):
+                bag = self.bags[pcoll]
+                self.consumed.add(id(pcoll))
+                return bag
+
+            def visit_transform(self, node) -> None:
+                transform = node.transform
+                inputs = [i for i in node.inputs if not isinstance(i, pvalue.PBegin)]
+                side = _side_input_maps(node, self.bag_of)
+                outputs = dict(node.outputs)
+                if type(transform) is apache_beam.ParDo:  # not subclasses: _GroupAlsoByWindow stays a NoOp
+                    (main_input,) = inputs
+                    window_fn = main_input.windowing.windowfn if hasattr(main_input, "windowing") else None
+                    args, kwargs = transform.raw_side_inputs
+                    pairs = self.bag_of(main_input).map_partitions(
+                        _run_bundle, transform.fn, window_fn, side, list(args), kwargs, transform.label)
+                    main_tag = getattr(transform, "output_tags", None)
+                    for tag, pcoll in outputs.items():
+                        key = _MAIN if tag is None or tag == "None" or tag == main_tag else tag
+                        self.bags[pcoll] = pairs.map_partitions(_select, key)
+                    return
+                op_class = te.TRANSLATIONS.get(transform.__class__, te.NoOp)
+                op = op_class(node, bag_kwargs=bag_kwargs)
+                if isinstance(op, te.Flatten):
+                    input_bag = [self.bag_of(i) for i in inputs]
+                elif inputs:
+                    input_bag = self.bag_of(inputs[0])
+                else:
+                    input_bag = None
+                bag = op.apply(input_bag=input_bag, side_inputs=side)
+                for pcoll in outputs.values():
+                    self.bags[pcoll] = bag
+
+            def leaves(self):
+                return [b for p, b in self.bags.items() if id(p) not in self.consumed]
+
+        return Visitor()
+
+    def run_pipeline(self, pipeline, options):
+        import dask
+        import dask.distributed as ddist
+
+        dask_options = options.view_as(beam_dask.DaskOptions).get_all_options(drop_default=True, current_only=True)
+        bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
+        client = ddist.Client(**dask_options)
+        pipeline.replace_all(dask_overrides())
+        visitor = self.to_dask_bag_visitor(bag_kwargs)
+        pipeline.visit(visitor)
+        leaves = visitor.leaves()
+        futures = client.compute(list(dask.optimize(*leaves))) if leaves else []
+        return beam_dask.DaskRunnerResult(client, futures)
