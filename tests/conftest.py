@@ -12,6 +12,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 from tests.s3_fixtures import *  # noqa: E402,F401,F403 - session-scoped moto server fixtures
+from tests.dask_fixtures import dask_cluster  # noqa: E402,F401 - a real 2-worker dask cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -90,6 +90,17 @@ def _side_input_maps(transform_node, bag_of) -> list[SideInputMap] | None:
             for si in side_inputs]
 
 
+class _Result(beam_dask.DaskRunnerResult):
+    """Beam's result, closing its client once the pipeline is finished (Beam's leaves it open)."""
+
+    def wait_until_finish(self, duration=None) -> str:
+        try:
+            return super().wait_until_finish(duration)
+        finally:
+            if self.state in ("DONE", "FAILED", "CANCELLED"):
+                self.client.close()
+
+
 class DaskRunner(beam_dask.DaskRunner):
     """Beam's DaskRunner with per-output bags, per-partition receivers and every leaf computed (see above)."""
 
@@ -152,4 +163,4 @@ class DaskRunner(beam_dask.DaskRunner):
         pipeline.visit(visitor)
         leaves = visitor.leaves()
         futures = client.compute(list(dask.optimize(*leaves))) if leaves else []
-        return beam_dask.DaskRunnerResult(client, futures)
+        return _Result(client, futures)
