@@ -47,7 +47,7 @@ def plan_stages(cfg: BuildConfig) -> list[Stage]:
                     rejected=p["rejected"], beam_args=beam, url_col=cfg.url_col, caption_col=cfg.caption_col,
                     columns=list(cfg.columns) if cfg.columns else None),
         CrawlStage(cfg.crawl, {"candidates": j(p["curate"], "candidates")}, p["crawl"],
-                   rejected=j(p["rejected"], "crawl.parquet"), recrawl_failures=cfg.recrawl_failures),
+                   rejected=j(p["rejected"], "crawl.parquet")),
         ImagesStage(cfg.images, {"crawl": p["crawl"]}, p["pool"], rejected=j(p["rejected"], "images.parquet"),
                     beam_args=beam),
         DecontamStage(cfg.decontam, {"pool": p["pool"]}, p["decontam"], rejected=j(p["rejected"], "decontam.parquet"),

@@ -40,7 +40,6 @@ class BuildConfig(Config):
     columns: tuple[str, ...] | None = None  # names of header-less CSV/TSV columns
     runner: str = "direct"  # Beam runner: direct, dask, dataflow, flink, spark (or a class path)
     beam_args: tuple[str, ...] = ()
-    recrawl_failures: bool = True
     curate: CurateParams = field(default_factory=CurateParams)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)

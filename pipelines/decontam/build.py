@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import apache_beam as beam
 import pyarrow as pa
 
 from pipelines.core import markers, reasons, storage
@@ -55,8 +56,56 @@ def eval_set_fingerprint(spec: str) -> dict:
                        storage.basename(f), storage.sha256_of(f)] for f in sorted(files)]}
 
 
+class _MatchChunk(beam.DoFn):
+    """Match one chunk of pool rows (metadata only) against the evaluation-set index. The index is read once
+    per worker from its URI; the images are read by range from the crawl tars; emits the chunk's matches and
+    its count of unreadable images (small), never the images."""
+
+    def __init__(self, index_uri: str, detector: dict):
+        self.index_uri, self.detector = index_uri, detector
+        self.index = None
+
+    def setup(self):
+        from pipelines.decontam.detector import EvalIndex
+
+        self.index = EvalIndex.load(self.index_uri)
+
+    def process(self, chunk):
+        from pipelines.decontam.detector import DetectorConfig
+        from pipelines.decontam.transform import decontaminate_pool
+        from pipelines.shard.writer import _read_images
+
+        errors: list[str] = []
+        images = _read_images(chunk)
+        table = decontaminate_pool(((r["uid"], images[r["uid"]]) for r in chunk), self.index,
+                                   DetectorConfig.from_dict(dict(self.detector)), errors)
+        yield {"matches": table.to_pylist(), "unreadable": len(errors)}
+
+
+def _ok_rows(uri: str) -> list[dict]:
+    from pipelines.images.stage import read_rows
+
+    cols = ["uid", "status", "sha256", "crawl_tar", "jpg_offset", "jpg_size"]
+    return [{k: r[k] for k in cols if k != "status"} for r in read_rows([uri], columns=cols) if r["status"] == "ok"]
+
+
+def _chunks(kv, size: int):
+    """Rows of one crawl tar, in offset order, cut into chunks (each tar is read sequentially by one worker)."""
+    _tar, rows = kv
+    rows = sorted(rows, key=lambda r: (int(r["jpg_offset"]), r["uid"]))
+    for i in range(0, len(rows), size):
+        yield rows[i:i + size]
+
+
 class DecontamStage(Stage):
-    """inputs: ``{"pool": POOL_DIR}``; output: the decontam directory; ``rejected``: one Parquet file."""
+    """inputs: ``{"pool": POOL_DIR}``; output: the decontam directory; ``rejected``: one Parquet file.
+
+    Distributed: the evaluation-set index is built once by the driver and written to ``DECONTAM/index.npz`` (a URI
+    every worker reads, like the query list); the pool's ``ok`` rows travel as metadata (uid, tar, offset: ~150
+    bytes a row), grouped by crawl tar and cut into chunks of ``CHUNK`` rows, and each worker holds the index plus
+    one chunk of decoded images. The driver holds only the matches. Same matches as the single-process detector:
+    every pool image is matched on its own.
+    """
 
     name = "decontam"
 
@@ -69,39 +118,48 @@ class DecontamStage(Stage):
         return [eval_set_fingerprint(s) for s in self.config.eval_sets]
 
     def compute(self, fingerprint: str) -> StageResult:
-        from pipelines.images.stage import read_rows
+        from pipelines.decontam.transform import matches_table
+        from pipelines.images.stage import pipeline_options, read_rows
 
         cfg, out_dir = self.config, self.output
         rejected_uri = self.rejected or storage.join(storage.parent(out_dir), "rejected", "decontam.parquet")
         matches_uri = storage.join(out_dir, "matches.parquet")
         drop_uri = storage.join(out_dir, "drop.parquet")
-        cols = ["uid", "url", "caption", "status", "sha256", "crawl_tar", "jpg_offset", "jpg_size"]
-        rows = [r for r in read_rows(self.input_files(), columns=cols) if r["status"] == "ok"]
-        errors: list[str] = []
-        from pipelines.decontam.transform import matches_table
+        index_uri = storage.join(out_dir, "index.npz")
+        files = self.input_files()
+        n_ok = sum(sum(1 for st in storage.read_table(f, columns=["status"]).column("status").to_pylist()
+                       if st == "ok") for f in files)
+        match_rows: list[dict] = []
+        unreadable = 0
+        if cfg.eval_sets and n_ok:
+            from pipelines.decontam.transform import build_index
 
-        if cfg.eval_sets and rows:
-            from pipelines.decontam.detector import DetectorConfig
-            from pipelines.decontam.transform import build_index, decontaminate_pool
-            from pipelines.shard.writer import _read_images
-
-            index = build_index(list(cfg.eval_sets))
-            det = DetectorConfig.from_dict(dict(cfg.detector))
-            tables = []
-            for i in range(0, len(rows), CHUNK):
-                chunk = rows[i:i + CHUNK]
-                images = _read_images(chunk)
-                tables.append(decontaminate_pool(((r["uid"], images[r["uid"]]) for r in chunk), index, det, errors))
-            matches = pa.concat_tables(tables) if tables else matches_table([])
-        else:
-            matches = matches_table([])
-        matches = matches.sort_by([("pool_key", "ascending"), ("eval_set", "ascending"), ("eval_id", "ascending")])
+            build_index(list(cfg.eval_sets), index_uri)
+            summary_uri = storage.join(out_dir, "_chunks.json")
+            with beam.Pipeline(options=pipeline_options(self.beam_args)) as p:
+                _ = (p
+                     | "PoolFiles" >> beam.Create(files)
+                     | "OkRows" >> beam.FlatMap(_ok_rows)
+                     | "ByTar" >> beam.Map(lambda r: (r["crawl_tar"], r))
+                     | "GroupTar" >> beam.GroupByKey()
+                     | "Chunks" >> beam.FlatMap(_chunks, CHUNK)
+                     | "Match" >> beam.ParDo(_MatchChunk(index_uri, dict(cfg.detector)))
+                     | "All" >> beam.combiners.ToList()
+                     | "Write" >> beam.Map(lambda parts: storage.write_json(summary_uri, parts, indent=None)))
+            parts = storage.read_json(summary_uri)
+            storage.delete(summary_uri)
+            match_rows = [m for part in parts for m in part["matches"]]
+            unreadable = sum(part["unreadable"] for part in parts)
+        matches = matches_table(match_rows).sort_by([("pool_key", "ascending"), ("eval_set", "ascending"),
+                                                     ("eval_id", "ascending")])
         by_uid: dict[str, list[str]] = {}
         for uid, eval_set, eval_id in zip(matches.column("pool_key").to_pylist(),
                                           matches.column("eval_set").to_pylist(),
                                           matches.column("eval_id").to_pylist()):
             by_uid.setdefault(uid, []).append(f"{eval_set}:{eval_id}")
-        dropped = [r for r in rows if r["uid"] in by_uid]
+        dropped = [r for r in read_rows(files, columns=["uid", "url", "caption", "status"])
+                   if r["status"] == "ok" and r["uid"] in by_uid]
+        dropped.sort(key=lambda r: r["uid"])
         storage.write_table(matches_uri, matches)
         storage.write_table(drop_uri, pa.table({"uid": pa.array(sorted(by_uid), pa.string())}))
         reason_of = {r["uid"]: reasons.eval_overlap(by_uid[r["uid"]][0].split(":", 1)[0]) for r in dropped}
@@ -118,13 +176,13 @@ class DecontamStage(Stage):
         by_reason: dict[str, int] = {}
         for reason in reason_of.values():
             by_reason[reason] = by_reason.get(reason, 0) + 1
+        outputs = {"matches": matches_uri, "drop": drop_uri, "rejected": rejected_uri}
         return StageResult(
-            stage="decontam", input_rows=len(rows), kept=len(rows) - len(dropped), rejected=by_reason,
-            outputs={"matches": matches_uri, "drop": drop_uri, "rejected": rejected_uri},
-            params=self.params(), fingerprint=fingerprint,
-            details={"eval_sets": list(cfg.eval_sets), "pool_ok": len(rows), "n_dropped": len(dropped),
+            stage="decontam", input_rows=n_ok, kept=n_ok - len(dropped), rejected=by_reason,
+            outputs=outputs, params=self.params(), fingerprint=fingerprint,
+            details={"eval_sets": list(cfg.eval_sets), "pool_ok": n_ok, "n_dropped": len(dropped),
                      "matches": matches.num_rows, "matches_per_eval_set": dict(sorted(per_set.items())),
-                     "unreadable": len(errors), "detector": dict(cfg.detector)})
+                     "unreadable": unreadable, "detector": dict(cfg.detector)})
 
 
 def decontaminate_build(pool_dir: str, eval_specs, out_dir: str, *, rejected_uri: str,
