@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -332,7 +331,8 @@ def print_build_summary(summary: dict) -> None:
     table = Table(title="build funnel")
     for col in ("stage", "rows in", "rows out"):
         table.add_column(col, justify="left" if col == "stage" else "right")
-    for stage, io_ in funnel["stages"].items():
+    for stage in funnel.get("order") or list(funnel["stages"]):
+        io_ = funnel["stages"][stage]
         table.add_row(stage, f"{io_['in']:,}", f"{io_['out']:,}")
     console.print(table)
     by_reason = sorted(funnel["rejected"].items(), key=lambda kv: -kv[1])
@@ -471,9 +471,13 @@ def print_eval_summary(evaluation: dict) -> None:
 def serve(config: Path = typer.Option(Path("infra/prefect/local.yaml"), help="Deployments to serve."),
           synthweb_root: Optional[Path] = typer.Option(None, "--synthweb", help="Also serve this synthetic web on "
                                                                                  "127.0.0.1 (for demo deployments)."),
-          limit: Optional[int] = typer.Option(None, help="Most flow runs at once.")):
+          limit: Optional[int] = typer.Option(None, help="Most flow runs at once."),
+          server: Optional[str] = typer.Option(None, "--server", help="Prefect server to create the deployments on "
+                                                                      "and report runs to (http://HOST:4200); "
+                                                                      "default: PREFECT_API_URL, else a temporary "
+                                                                      "local server.")):
     """Create the scheduled deployments and run them from this process (embedded default; Ctrl-C stops)."""
-    from flows.deploy import load_serve_config, serve_deployments
+    from flows.deploy import check_server, load_serve_config, serve_deployments
 
     if not config.is_file():
         _fail(f"{config}: no such deployments file (see infra/prefect/local.yaml)")
@@ -481,15 +485,18 @@ def serve(config: Path = typer.Option(Path("infra/prefect/local.yaml"), help="De
     for spec in specs:
         when = spec["cron"] or (f"every {spec['interval']} s" if spec["interval"] else "on demand")
         typer.echo(f"deployment {spec['flow']}/{spec['name']}: {when}")
+    if server:
+        info = _run_user(check_server, server)
+        typer.echo(f"Prefect server {info['api_url']} (version {info['version']})")
     if synthweb_root:
         from pipelines.synthweb import SynthWebServer
 
         with SynthWebServer(synthweb_root) as web:
             web.materialise_url_list()
             typer.echo(f"synthetic web served at {web.base_url}")
-            serve_deployments(config, limit=limit)
+            _run_user(serve_deployments, config, limit=limit, server=server)
     else:
-        serve_deployments(config, limit=limit)
+        _run_user(serve_deployments, config, limit=limit, server=server)
 
 
 def main() -> None:  # console entry

@@ -13,6 +13,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 from tests.s3_fixtures import *  # noqa: E402,F401,F403 - session-scoped moto server fixtures
 from tests.dask_fixtures import dask_cluster  # noqa: E402,F401 - a real 2-worker dask cluster
+from tests.pg_fixtures import *  # noqa: E402,F401,F403 - PostgreSQL + Prefect server fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -72,9 +72,12 @@ def test_every_row_ends_in_one_place_with_the_right_reason(built, synth_web_smal
     reached = [u for u in planted if u not in {r["url"] for r in rejected if r["stage"] != "decontam"}]
     assert all(u in dropped for u in reached), sorted(set(reached) - dropped)
     assert manifest["decontam"]["n_dropped"] == len(dropped)
+    false_drops = dropped - set(planted)  # dropped although not a planted copy (look-alikes of held-out images)
+    assert len(false_drops) <= max(2, len(dropped) // 5), sorted(false_drops)
     # the funnel is assembled from the stage results: each stage reads what the previous one kept
-    stages = list(manifest["funnel"]["stages"].values())
-    assert list(manifest["funnel"]["stages"]) == ["curate", "crawl", "images", "decontam", "balance", "shard"]
+    order = manifest["funnel"]["order"]
+    assert order == ["curate", "crawl", "images", "decontam", "balance", "shard"]
+    stages = [manifest["funnel"]["stages"][name] for name in order]
     assert all(a["out"] == b["in"] for a, b in zip(stages, stages[1:]))
     assert manifest["params"]["shard"]["samples_per_shard"] == 40  # the effective config is in the manifest
     assert checked >= {"http_404", "http_500", "timeout", "truncated", "corrupt", "not_image", "redirect_private",

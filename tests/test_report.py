@@ -274,3 +274,61 @@ def test_report_reads_and_writes_s3(s3_bucket, artifacts):
     assert len(PNG_RE.findall(page)) == 3  # funnel, entry counts, per class
     notes = re.findall(r'<p class="note">(.*?)</p>', page)
     assert len(notes) == 1 and f"{s3_bucket}/audit/report.json" in notes[0]  # nothing was put there
+
+
+# ------------------------------------------------------------------------------ bugs raise, bad inputs become notes
+
+
+def test_a_bug_in_a_section_raises_instead_of_becoming_a_note(tmp_path, artifacts, monkeypatch):
+    """Only a missing/malformed input (SectionError) may become a note; a bug in the report code must surface."""
+    from flows.report import plots
+
+    def broken_plot(labels, counts):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(plots, "funnel_plot", broken_plot)
+    out = tmp_path / "out" / "bug.html"
+    with pytest.raises(TypeError, match="unsupported operand") as info:
+        render_report(str(out), build_dir=str(artifacts["build"]), eval_dir=str(artifacts["eval"]))
+    assert any("Build section" in n and "manifest.json" in n for n in info.value.__notes__)  # where it happened
+    assert not out.exists()  # no half-true report is written
+
+    # the Markdown tables follow the same rule
+    import flows.report.markdown as md
+
+    def broken_rows(m):
+        raise KeyError("in")
+
+    monkeypatch.setattr(md, "funnel_rows", broken_rows)
+    with pytest.raises(KeyError):
+        markdown_tables(build_dir=str(artifacts["build"]))
+
+
+def test_a_missing_input_file_becomes_a_note_and_the_rest_renders(tmp_path, artifacts):
+    (artifacts["build"] / "manifest.json").unlink()
+    page = _render(tmp_path, artifacts)
+    notes = re.findall(r'<p class="note">(.*?)</p>', page)
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("Build: ") and str(artifacts["build"] / "manifest.json") in notes[0]
+    body = page[page.index('<section id="build">'):page.index('<section id="contamination">')]
+    assert "data:image/png" not in body and "<table>" not in body
+    assert "61.25%" in page and len(_pngs(page)) == 2 + 3  # 2 thumbnails; loss, lr, per-class; none from build
+
+    tables = markdown_tables(build_dir=str(artifacts["build"]), eval_dir=str(artifacts["eval"]))
+    assert set(tables) == {"funnel", "evaluation"}
+    assert tables["funnel"].startswith("Not available: ") and "manifest.json" in tables["funnel"]
+
+
+def test_a_section_error_raised_deep_in_a_section_is_a_note(tmp_path, artifacts, monkeypatch):
+    """An input found malformed past the section's first checks (SectionError from anywhere inside) costs only that
+    section."""
+    from flows.report import SectionError, plots
+
+    def unreadable(name, pc):
+        raise SectionError(f"{artifacts['eval'] / 'eval.json'}: per-class recall of {name} is unusable")
+
+    monkeypatch.setattr(plots, "per_class_plot", unreadable)
+    page = _render(tmp_path, artifacts)
+    notes = re.findall(r'<p class="note">(.*?)</p>', page)
+    assert notes == [f"Evaluation: {artifacts['eval'] / 'eval.json'}: per-class recall of cifar10 is unusable"]
+    assert '<section id="build">' in page and "<td>00001.tar</td>" in page

@@ -140,7 +140,7 @@ def funnel(results: Iterable[StageResult]) -> dict:
             key = reason if ":" in reason and reason.split(":", 1)[0] in _STAGE_PREFIXES else f"{r.stage}:{reason}"
             flat[key] = flat.get(key, 0) + n
     return {"input_rows": results[0].input_rows if results else 0, "kept": results[-1].kept if results else 0,
-            "stages": stages, "rejected": dict(sorted(flat.items()))}
+            "stages": stages, "order": [r.stage for r in results], "rejected": dict(sorted(flat.items()))}
 
 
 _STAGE_PREFIXES = {"curate", "crawl", "images", "dedup", "decontam", "balance", "shard", "filter"}
