@@ -11,6 +11,7 @@ and its funnel is assembled from the stage results.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
@@ -31,7 +32,19 @@ def _log(msg: str) -> None:
         print(msg)
 
 
-def plan_stages(cfg: BuildConfig) -> list[Stage]:
+def crawl_log_file(cfg: BuildConfig) -> str:
+    """Where img2dataset's and the crawl workers' output goes (a local file: under the work dir when it is local)."""
+    import hashlib
+    import tempfile
+
+    work = cfg.work_dir()
+    if storage.is_s3(work):
+        return str(Path(tempfile.gettempdir()) / "clipline-logs" / hashlib.sha256(work.encode()).hexdigest()[:16]
+                   / "crawl.log")
+    return str(Path(work) / "logs" / "crawl.log")
+
+
+def plan_stages(cfg: BuildConfig, *, progress=None) -> list[Stage]:
     """The build's stages, in order, with every input and output URI fixed up front."""
     from pipelines.balance.stage import BalanceStage
     from pipelines.crawl.stage import CrawlStage
@@ -47,7 +60,7 @@ def plan_stages(cfg: BuildConfig) -> list[Stage]:
                     rejected=p["rejected"], beam_args=beam, url_col=cfg.url_col, caption_col=cfg.caption_col,
                     columns=list(cfg.columns) if cfg.columns else None),
         CrawlStage(cfg.crawl, {"candidates": j(p["curate"], "candidates")}, p["crawl"],
-                   rejected=j(p["rejected"], "crawl.parquet")),
+                   rejected=j(p["rejected"], "crawl.parquet"), progress=progress, log_file=crawl_log_file(cfg)),
         ImagesStage(cfg.images, {"crawl": p["crawl"]}, p["pool"], rejected=j(p["rejected"], "images.parquet"),
                     beam_args=beam),
         DecontamStage(cfg.decontam, {"pool": p["pool"]}, p["decontam"], rejected=j(p["rejected"], "decontam.parquet"),
@@ -83,7 +96,7 @@ def build_manifest(cfg: BuildConfig, results: list[StageResult]) -> dict:
         "funnel": funnel(results),
         "stages": {r.stage: {"fingerprint": r.fingerprint, "params": r.params} for r in results},
         "curate": {"steps": curate.details["steps"], "balance": curate.details["balance"]},
-        "crawl": {k: v for k, v in by["crawl"].details.items()},
+        "crawl": {k: v for k, v in by["crawl"].details.items() if k != "log_file"},
         "decontam": by["decontam"].details,
         "balance": {"t": balance.details["t"], "seed": balance.details["seed"],
                     "target_size": balance.details["target_size"], "input_rows": balance.input_rows,
@@ -105,13 +118,25 @@ def manifest_task(cfg: BuildConfig, results: list[StageResult]) -> dict:
 
 
 @flow(name="build_dataset", log_prints=True)
-def build_dataset(cfg: BuildConfig) -> dict:
+def build_dataset(cfg: BuildConfig, verbose: bool = False) -> dict:
     """Raw URL lists -> balanced, decontaminated webdataset + Parquet shards with a manifest."""
+    from flows.progress import CrawlProgressDisplay, LogTail
+
     started = time.time()
     results: list[StageResult] = []
-    for stage in plan_stages(cfg):
-        options = NETWORK_RETRIES if stage.name in ("crawl", "shard") else {}
-        results.append(run_stage.with_options(name=stage.name, **options)(stage))
+    display = CrawlProgressDisplay(log=_log)
+    _log(f"crawl log (img2dataset and worker output): {crawl_log_file(cfg)}")
+    try:
+        for stage in plan_stages(cfg, progress=display):
+            options = NETWORK_RETRIES if stage.name in ("crawl", "shard") else {}
+            run = run_stage.with_options(name=stage.name, **options)
+            if verbose and stage.name == "crawl":
+                with LogTail(crawl_log_file(cfg)):
+                    results.append(run(stage))
+            else:
+                results.append(run(stage))
+    finally:
+        display.close()
     summary = manifest_task(cfg, results)
     summary["elapsed_s"] = round(time.time() - started, 1)
     summary["shards_dir"] = cfg.paths()["shards"]

@@ -254,6 +254,7 @@ def build(
                                                      "line win over it."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the effective config (defaults < "
                                                                     "--config < flags) as YAML and stop."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also stream img2dataset's and the crawl workers' log."),
 ):
     """Build a dataset: curate -> crawl -> image checks -> decontaminate -> rebalance -> shard (a Prefect flow)."""
     from flows.build import build_dataset
@@ -303,7 +304,7 @@ def build(
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
         return
     _preflight(cfg)
-    summary = _run_user(build_dataset, cfg)
+    summary = _run_user(build_dataset, cfg, verbose=verbose)
     print_build_summary(summary)
 
 

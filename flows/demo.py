@@ -30,8 +30,12 @@ def demo_build_config(out: Path, web: dict, *, t: float, samples_per_shard: int,
     return load_build_config({
         "inputs": [web["pairs_parquet"]], "querylist": web["querylist"], "out": str(out / "build"),
         "curate": {"t": t, "seed": seed},
+        # The synthetic web is one host (127.0.0.1) that fails some URLs on purpose: per-host politeness and the
+        # host circuit breaker are meant for the real web's many hosts, so they are opened up here.
         "crawl": {"allow_cidrs": ["127.0.0.1/32"], "timeout": 2.0, "max_download_seconds": 5.0, "retries": 0,
-                  "thread_count": 32, "processes": 1, "image_size": 128, "number_sample_per_shard": 2000},
+                  "thread_count": 32, "processes": 1, "image_size": 128, "number_sample_per_shard": 2000,
+                  "per_host_connections": 32, "per_host_rps": None, "host_failure_limit": 1_000_000,
+                  "max_retry_after_seconds": 0},
         # Flat drawn shapes of one concept sit within a few pHash bits of each other without being copies:
         # radius 2 still removes the web's planted near-duplicates (re-encodes, resizes) but not distinct drawings.
         "images": {"min_side": 24, "near_dup_radius": 2},

@@ -70,6 +70,13 @@ def synth_web_small(tmp_path_factory):
                "server": server}
 
 
+# The synthetic web is ONE host (127.0.0.1) whose hostile URLs fail on purpose: per-host politeness and the
+# host circuit breaker (tested on their own in tests/test_crawl_politeness.py and test_crawl_hostile.py) would
+# pause the only host and make the outcome depend on timing, so they are opened up for these builds.
+SINGLE_HOST_WEB = {"per_host_connections": 16, "per_host_rps": None, "host_failure_limit": 1_000_000,
+                   "max_retry_after_seconds": 0}
+
+
 def synth_build_config(web, out, **kw):
     """The build configuration the flow tests share (a small, fast crawl of the session's synthetic web)."""
     from flows.config import load_build_config
@@ -79,7 +86,7 @@ def synth_build_config(web, out, **kw):
         "inputs": [str(web["pairs"])], "querylist": str(web["querylist"]), "out": str(out),
         "curate": {"t": t, "langs": []},
         "crawl": {"allow_cidrs": ["127.0.0.1/32"], "timeout": 1.5, "max_download_seconds": 3.0, "retries": 0,
-                  "thread_count": 16, "image_size": 96},
+                  "thread_count": 16, "image_size": 96, **SINGLE_HOST_WEB},
         "images": {"min_side": 16}, "decontam": {"eval_sets": [f"synth:{web['root']}"]},
         "shard": {"samples_per_shard": 40}}, kw)
 

@@ -157,8 +157,13 @@ def test_kill_and_rerun_gives_identical_output(built, synth_web_small, tmp_path,
 
 def _yaml(tmp_path):
     path = tmp_path / "build.yaml"
-    path.write_text("crawl:\n  max_download_seconds: 3.0\n  retries: 0\n  thread_count: 4\n"
-                    "  number_sample_per_shard: 40\nimages:\n  min_side: 16\n")
+    import yaml
+
+    from tests.conftest import SINGLE_HOST_WEB
+
+    path.write_text(yaml.safe_dump({"crawl": {"max_download_seconds": 3.0, "retries": 0, "thread_count": 4,
+                                              "number_sample_per_shard": 40, **SINGLE_HOST_WEB},
+                                    "images": {"min_side": 16}}))
     return path
 
 

@@ -1,58 +1,71 @@
-"""The crawl as a build stage: candidates -> img2dataset shards (round 0 and re-crawls of retryable failures),
-plus every failed row as a rejected row (stage ``crawl``).
+"""The crawl as a :class:`~pipelines.core.stage.Stage`: candidates in, published webdataset shards out, every
+failure written as a rejected row.
 
-The crawl resumes per shard (img2dataset's ``_stats.json`` per finished shard), so an interrupted stage rerun
-downloads only unfinished shards; the stage marker is written when every round is complete.
+    stage = CrawlStage(CrawlConfig(...), {"candidates": "BUILD/curate/candidates"}, "BUILD/crawl",
+                       rejected="BUILD/rejected/crawl.parquet", progress=hook, log_file="BUILD/logs/crawl.log")
+    result = stage.run()        # StageResult(stage="crawl", input_rows, kept, rejected={reason: n}, ...)
+
+``compute`` runs round 0 and ``config.recrawl_rounds`` re-crawl rounds (each resumes what a killed run left),
+then writes one rejected row per candidate without an image (uid, url, caption, stage="crawl", reason, source).
+``result.details`` holds the rounds (URLs, successes, download time, worker CPU) and the per-host report.
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pipelines.core import storage
 from pipelines.core.stage import Stage, StageResult
 from pipelines.crawl.config import CrawlConfig
+from pipelines.crawl.crawl import candidate_files, crawl_all
+from pipelines.crawl.engine import ProgressHook
+from pipelines.crawl.results import crawl_outcome, host_report
 
 
 class CrawlStage(Stage):
-    """inputs: ``{"candidates": DIR_OR_FILES}``; output: the crawl directory; ``rejected``: one Parquet file."""
+    """Inputs: ``{"candidates": <candidate Parquet file(s), a directory/prefix of them, or a glob>}``; output: the
+    crawl directory (local or ``s3://``). ``rejected``: where the crawl's rejected rows go (default
+    ``<output>/../rejected/crawl.parquet``). ``recrawl_failures=False`` is ``config.recrawl_rounds = 0``.
+    ``progress``: called about twice a second with a :class:`~pipelines.crawl.engine.CrawlProgress`;
+    ``log_file``: where img2dataset's and the workers' output goes (default: in the staging directory)."""
 
     name = "crawl"
+    version = 2  # 2: politeness, robots.txt, deadline-bounded fetch, hashes in the crawl Parquet
 
-    def __init__(self, config: CrawlConfig | None, inputs, output: str, *, rejected: str | None = None,
-                 recrawl_failures: bool = True, beam_args=()):
-        super().__init__(config or CrawlConfig(), inputs, output,
+    def __init__(self, config: CrawlConfig | Mapping[str, Any] | None, inputs: Mapping[str, Any], output: str, *,
+                 rejected: str | None = None, beam_args: Sequence[str] = (), recrawl_failures: bool | None = None,
+                 progress: ProgressHook | None = None, log_file: str | None = None):
+        config = config if isinstance(config, CrawlConfig) else CrawlConfig.from_mapping(config or {}, "crawl")
+        if recrawl_failures is False:
+            config = config.replace(recrawl_rounds=0)
+        output = str(output)
+        super().__init__(config, inputs, output,
                          rejected=rejected or storage.join(storage.parent(output), "rejected", "crawl.parquet"),
                          beam_args=beam_args)
-        self.recrawl = recrawl_failures
+        if "candidates" not in self.inputs:
+            from pipelines.core.errors import ConfigError
 
-    def candidate_files(self) -> list[str]:
-        src = self.inputs["candidates"]
-        if isinstance(src, (list, tuple)):
-            return list(src)
-        return sorted(u for u in storage.list_prefix(src) if u.endswith(".parquet"))
+            raise ConfigError(f"crawl stage: inputs must name 'candidates', got {sorted(self.inputs)}")
+        self.progress = progress
+        self.log_file = log_file
 
     def input_files(self) -> list[str]:
-        return self.candidate_files()
-
-    def params(self) -> dict:
-        return {**self.config.to_dict(), "recrawl_failures": self.recrawl}
+        return candidate_files(self.inputs["candidates"])
 
     def compute(self, fingerprint: str) -> StageResult:
-        from pipelines.crawl.crawl import crawl, read_candidates, recrawl_failures
-        from pipelines.crawl.results import crawl_outcome
-
-        n_candidates = read_candidates(self.candidate_files()).num_rows
-        crawl(self.candidate_files(), self.output, self.config)
-        if self.recrawl:
-            recrawl_failures(self.output, self.config)
+        config: CrawlConfig = self.config
+        rounds = crawl_all(self.inputs["candidates"], self.output, config, progress=self.progress,
+                           log_file=self.log_file)
         outcome = crawl_outcome(self.output)
-        storage.write_table(self.rejected, outcome.rejected.sort_by("uid"))
-        failed = Counter(outcome.failures.column("reason").to_pylist())
-        from pipelines.images.crawl_reader import crawl_shards
-
-        shards = [f for pair in crawl_shards(self.output) for f in pair]
-        return StageResult(stage="crawl", input_rows=n_candidates, kept=outcome.successes.num_rows,
-                           rejected=dict(failed), outputs={"shards": shards, "rejected": self.rejected},
-                           params=self.params(), fingerprint=fingerprint,
-                           details={"rounds": len({r for r in outcome.successes.column("round").to_pylist()}
-                                                  | {0})})
+        storage.write_table(self.rejected, outcome.rejected)
+        shards = []
+        for info in rounds:
+            for i in info.done_shards:
+                shards += [info.shard_uri(i, ".tar"), info.shard_uri(i, ".parquet"), info.shard_uri(i, "_stats.json")]
+        report = host_report(self.output)
+        return StageResult(
+            stage="crawl", input_rows=outcome.n_candidates, kept=outcome.successes.num_rows,
+            rejected=dict(outcome.reasons), outputs={"shards": shards, "rejected": self.rejected},
+            params=config.to_dict(), fingerprint=fingerprint,
+            details={"rounds": report["rounds"], "hosts": report["hosts"], "n_hosts": report["n_hosts"],
+                     "host_totals": report["totals"], "log_file": self.log_file})

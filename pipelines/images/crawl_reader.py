@@ -1,9 +1,15 @@
 """Read img2dataset's webdataset output (``NNNNN.tar`` + ``NNNNN.parquet``) into one record per crawled row.
 
-Every row of a shard's Parquet comes out exactly once: successful downloads with their image bytes and where the
-bytes live in the tar (``crawl_tar``, ``jpg_offset``, ``jpg_size``, so the resharder can read them back by range),
-failed downloads with img2dataset's ``status`` / ``error_message``. A success row whose image is missing from the
-tar comes out with ``image`` = None so the checks reject it with a reason instead of losing it.
+Every row of a shard's Parquet comes out exactly once: successful downloads with where the bytes live in the tar
+(``crawl_tar``, ``jpg_offset``, ``jpg_size``, so the resharder can read them back by range), failed downloads with
+img2dataset's ``status`` / ``error_message``.
+
+A clipline crawl computes each published image's sha256, pHash, dHash and decoded size in the crawl worker, where
+the image was just encoded, and writes them as Parquet columns with the member's offset (see
+``pipelines.crawl.worker``). For such shards the tar is not read at all: a success record carries those values as
+``crawl_hashes`` and ``image`` = None. For plain img2dataset output the tar is read and a success record carries
+the ``image`` bytes; one whose image is missing from the tar comes out with ``image`` = None and no
+``crawl_hashes``, so the checks reject it with a reason instead of losing it.
 """
 from __future__ import annotations
 
@@ -21,6 +27,10 @@ _CARRIED = ("uid", "key", "url", "caption", "entry_ids", "status", "error_messag
             "original_width", "original_height")
 
 
+# Columns a clipline crawl computes per success (pipelines.crawl.worker.EXTRA_COLUMNS).
+HASH_COLUMNS = ("img_sha256", "img_width", "img_height", "img_error", "phash", "dhash", "jpg_offset", "jpg_size")
+
+
 class CrawlFormatError(ClipError, ValueError):
     """The crawl directory does not hold img2dataset webdataset output as expected."""
 
@@ -32,13 +42,11 @@ def crawl_shards(crawl_dir: str) -> list[tuple[str, str]]:
     CRAWL/recrawl-NNN/); every finished shard of every round is listed. A plain img2dataset output directory
     (no rounds) lists its NNNNN.parquet files; a Parquet without its tar is still listed.
     """
-    if not storage.is_s3(crawl_dir):
-        from pipelines.crawl.crawl import META_DIR, crawl_shard_files
+    from pipelines.crawl.rounds import crawl_shard_files
 
-        if storage.exists(storage.join(crawl_dir, META_DIR)):
-            found = [(str(pq_path), str(tar_path)) for _r, pq_path, tar_path in crawl_shard_files(crawl_dir)]
-            if found:
-                return found
+    found = [(pq_uri, tar_uri) for _r, pq_uri, tar_uri in crawl_shard_files(crawl_dir)]
+    if found:
+        return found
     parquets = [u for u in storage.expand([storage.join(crawl_dir, "*.parquet")], missing_ok=True)
                 if storage.basename(u)[:-len(".parquet")].isdigit()]
     if not parquets:
@@ -94,15 +102,30 @@ def read_crawl_shard(pair: tuple[str, str], outcomes: dict[str, str] | None = No
     rows = _read_rows(parquet_uri)
     if outcomes is not None:
         rows = [r for r in rows if outcomes.get(r["uid"]) == parquet_uri]
-    images = _tar_images(tar_uri) if any(r.get("status") == "success" for r in rows) else {}
+    successes = [r for r in rows if r.get("status") == "success"]
+    precomputed = bool(successes) and all(r.get("img_sha256") is not None and r.get("jpg_offset") is not None
+                                          for r in successes)
+    images = _tar_images(tar_uri) if successes and not precomputed else {}
     for row in rows:
         rec = {c: row.get(c) for c in _CARRIED}
         rec["entry_ids"] = sorted(int(e) for e in (row.get("entry_ids") or []))
         rec["source"] = parquet_uri
         rec["crawl_tar"] = tar_uri
+        if row.get("status") == "success" and precomputed:
+            rec["image"], rec["jpg_offset"], rec["jpg_size"] = None, row["jpg_offset"], row["jpg_size"]
+            rec["crawl_hashes"] = {c: row.get(c) for c in HASH_COLUMNS}
+            yield rec
+            continue
         found = images.get(row["key"]) if row.get("status") == "success" else None
         if found is None:
             rec["image"], rec["jpg_offset"], rec["jpg_size"] = None, None, None
         else:
             rec["image"], rec["jpg_offset"], rec["jpg_size"] = found
         yield rec
+
+
+def read_image(rec: dict) -> bytes:
+    """The image bytes of a record that carries ``crawl_hashes`` instead (one ranged read of its tar)."""
+    with storage.open_read(rec["crawl_tar"]) as f:
+        f.seek(int(rec["jpg_offset"]))
+        return f.read(int(rec["jpg_size"]))

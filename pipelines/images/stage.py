@@ -8,7 +8,6 @@ rerun with the same inputs and parameters return the recorded result without rec
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.core import markers, reasons, storage
@@ -25,9 +23,8 @@ from pipelines.core.config import Config, check
 from pipelines.core.stage import MARKER, Stage, StageResult
 from pipelines.core.beam import make_options
 from pipelines.images.crawl_reader import crawl_shards
-from pipelines.images.transforms import OK, REJECTED, CheckImages, ExactDedup, NearDedup, ReadCrawl, Rebalance
+from pipelines.images.transforms import OK, REJECTED, CheckImages, ExactDedup, NearDedup, ReadCrawl
 from schemas import conform
-from schemas import entry_counts as entry_counts_schema
 from schemas import rejected as rejected_schema
 from schemas import sample as sample_schema
 

@@ -15,7 +15,7 @@ from apache_beam import pvalue
 
 from pipelines.balance import metaclip as balance
 from pipelines.images import checks, fast_hash, near_dedup
-from pipelines.images.crawl_reader import crawl_shards, final_outcomes, read_crawl_shard
+from pipelines.images.crawl_reader import crawl_shards, final_outcomes, read_crawl_shard, read_image
 
 OK, REJECTED = "ok", "rejected"
 
@@ -55,6 +55,25 @@ class _CheckBatch(beam.DoFn):
         self.min_side, self.max_aspect, self.max_pixels = min_side, max_aspect, max_pixels
         self.decode = decode
 
+    def _from_crawl(self, rec: dict, h: dict):
+        """Decide with the measurements the crawl made on the published image (no decode here): the same
+        outcome and row as decoding it again, since the crawl ran the same inspection and hashes."""
+        rec = {k: v for k, v in rec.items() if k not in ("image", "crawl_hashes")}
+        if h["img_error"]:
+            return pvalue.TaggedOutput(REJECTED, _reject(rec, "images", h["img_error"]))
+        width, height = int(h["img_width"]), int(h["img_height"])
+        if width * height > self.max_pixels:
+            return pvalue.TaggedOutput(REJECTED, _reject(rec, "images", checks.TOO_LARGE))
+        w = rec.get("original_width") or width
+        h_ = rec.get("original_height") or height
+        for reason in (checks.check_size(w, h_, self.min_side), checks.check_aspect(w, h_, self.max_aspect)):
+            if reason:
+                return pvalue.TaggedOutput(REJECTED, _reject(rec, "images", reason))
+        rec.update(sha256=h["img_sha256"], width=width, height=height, original_width=w, original_height=h_,
+                   status="ok", stage=None, reason=None, duplicate_of=None, phash=int(h["phash"]),
+                   dhash=int(h["dhash"]))
+        return rec
+
     def process(self, batch: Sequence[dict]):
         good, images = [], []
         for rec in batch:
@@ -65,6 +84,13 @@ class _CheckBatch(beam.DoFn):
                 reason = normalise_reason(rec.get("error_message") or rec.get("status"))
                 yield pvalue.TaggedOutput(REJECTED, _reject(rec, "crawl", reason[:300], status="failed"))
                 continue
+            hashes = rec.get("crawl_hashes")
+            if hashes is not None:
+                if self.decode == "exact":  # what the crawl computed is exactly what we would compute
+                    yield self._from_crawl(rec, hashes)
+                    continue
+                rec = {k: v for k, v in rec.items() if k != "crawl_hashes"}
+                rec["image"] = read_image(rec)  # another decode was asked for: read the published bytes
             if rec.get("image") is None:
                 yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", checks.MISSING_IMAGE))
                 continue
@@ -97,6 +123,9 @@ class _CheckBatch(beam.DoFn):
 
 class CheckImages(beam.PTransform):
     """Crawl failures, decode errors, too small, bad aspect -> ``rejected``; the rest get sha256/pHash/dHash.
+
+    Records of a clipline crawl carry the published image's sha256/pHash/dHash/size computed in the crawl worker
+    (``crawl_hashes``): with ``exact_hashes`` they are used as they are and no image is read or decoded here.
 
     Hashes are computed per batch (``fast_hash``: resize as matrix products, one DCT for the batch). With
     ``exact_hashes`` (default) they equal imagehash's bit for bit; ``exact_hashes=False`` decodes a JPEG's luma only

@@ -70,6 +70,8 @@ class _Handler(BaseHTTPRequestHandler):
         web._count(path)
         if web.latency:
             time.sleep(web.latency)
+        if path == "/robots.txt" and web.robots_txt is not None:
+            return self._send(200, web.robots_txt.encode())
         route = web.routes.get(path)
         if route is None:
             return self._send(404, b"not found\n")
@@ -155,18 +157,23 @@ class SynthWebServer:
     stall_seconds: how long ``timeout`` routes stay silent; drip_seconds / drip_interval: how slowly ``slow_drip``
     routes send; flaky_failures: how many requests a ``flaky`` route fails (503) before it serves its image;
     latency: extra seconds before every answer (slows a crawl down, e.g. to interrupt it mid-way in a test).
+    robots_txt: the body of /robots.txt (None: it answers 404, which crawlers read as "allow all").
+    ``host`` may be any local address (127.0.0.10, ...): several servers of one web on several addresses make a
+    web of several hosts; pass ``private_host=None`` to all but one.
     """
 
     def __init__(self, root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, *,
                  private_host: str | None = PRIVATE_REDIRECT_HOST, stall_seconds: float = 30.0,
                  drip_seconds: float = 30.0, drip_interval: float = 0.2, flaky_failures: int = 1,
-                 latency: float = 0.0):
+                 latency: float = 0.0, robots_txt: str | None = None, poll_interval: float = 0.1):
         self.root = Path(root)
         self.routes = load_routes(self.root)
         self.host, self.port = host, port
         self.private_host = private_host
         self.stall_seconds, self.drip_seconds, self.drip_interval = stall_seconds, drip_seconds, drip_interval
         self.flaky_failures, self.latency = flaky_failures, latency
+        self.robots_txt = robots_txt
+        self.poll_interval = poll_interval  # how often serve_forever checks for shutdown (many servers: raise it)
         self.private_port: int | None = None
         self.private_body = _private_image()
         self._hits: Counter = Counter()
@@ -248,7 +255,7 @@ class SynthWebServer:
                 self.private_port = private.server_address[1]
                 self._servers.append(private)
         for srv in self._servers:
-            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
+            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": self.poll_interval}, daemon=True,
                                  name=f"synthweb-{srv.server_address[0]}:{srv.server_address[1]}")
             t.start()
             self._threads.append(t)

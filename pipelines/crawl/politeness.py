@@ -1,0 +1,365 @@
+"""Per-host politeness for the crawl: connection limits, a token bucket, back-off, pauses, and a scheduler that
+interleaves hosts so that one slow or throttled host never holds up the others.
+
+State per host (``scheme://host:port``) lives in one :class:`Politeness` object per crawl process and is shared by
+all of its download threads and by the shards the process runs one after the other:
+
+- at most ``connections`` requests in flight, and a token bucket of ``rps`` requests per second (burst 1, so two
+  requests are at least 1/rps apart);
+- a 429 or 503 with ``Retry-After`` pauses the host for that long (capped); without it, 429s pause for
+  ``backoff_base * 2^(k-1)`` and 5xx from the second in a row on (``k`` = 429/5xx in a row; capped);
+- ``failure_limit`` connect errors / timeouts in a row pause the host for ``pause_seconds``: its queued URLs end as
+  ``host_unavailable`` (retryable in a later round) and are not requested. "In a row" counts requests *started*
+  after the host's last good answer, so a handful of slow URLs that were already in flight when later requests
+  succeeded do not pause a healthy host. After the pause one failure pauses it again (probation).
+
+Several processes (``processes`` > 1, or Spark executors): each process enforces its share of the crawl's limits
+(``CrawlConfig.per_process_connections`` = connections // processes, at least 1; ``per_process_rps`` = rps /
+processes). Why a static split and not a shared limiter (a Redis token bucket, a lock server): img2dataset cuts the
+URL list into shards and hands each shard to one process, and every shard holds URLs of the same many hosts, so
+each process really does talk to each host and a fair share per process is what the whole crawl needs; a split
+needs no service next to the crawl, works the same under the multiprocessing and Spark distributors and cannot
+fail or slow down with it. What it costs: a host whose URLs all land in one process's shard is crawled at 1/P of
+its allowance (slower, not ruder). One exception: every process keeps at least one connection, so with more
+processes than ``per_host_connections`` a host can see up to ``processes`` connections at once (the request rate
+stays bounded); keep ``processes`` <= ``per_host_connections`` where that matters, or lower the rate. robots.txt and DNS are likewise cached per process: a host's robots.txt is fetched once per crawl process.
+
+The scheduler (:class:`ShardScheduler`) hands a thread the next URL of the first host, in round-robin order, that
+may be requested now; when none may, the thread sleeps until the earliest moment one may (a token, the end of a
+pause) or until a request finishes. URLs of one host keep their order.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from pipelines.core import reasons as R
+
+# Failures that say the host (not one URL) is in trouble: they count towards pausing it.
+HOST_FAILURES = frozenset({R.TIMEOUT, R.TIMEOUT_HEADERS, R.TIMEOUT_BODY, R.CONNECTION_REFUSED, R.CONNECTION_ERROR,
+                           R.DNS_ERROR, R.TLS_ERROR})
+ROBOTS_UNKNOWN, ROBOTS_FETCHING, ROBOTS_KNOWN = 0, 1, 2
+
+
+def host_key(url: str) -> str:
+    """``scheme://host:port`` of a URL (default ports made explicit); unparsable URLs get a key of their own."""
+    try:
+        parts = urlsplit(url)
+        scheme = (parts.scheme or "").lower()
+        host = (parts.hostname or "").lower()
+        port = parts.port or {"http": 80, "https": 443}.get(scheme, 0)
+    except ValueError:
+        return f"invalid:{url[:200]}"
+    if not host:
+        return f"invalid:{scheme}"
+    return f"{scheme}://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class PolitenessSettings:
+    connections: int = 2
+    rps: float | None = 5.0
+    failure_limit: int = 5
+    pause_seconds: float = 600.0
+    max_retry_after: float = 60.0
+    backoff_base: float = 1.0
+
+
+@dataclass
+class HostStats:
+    """What one host cost and answered (per shard; summed over shards and rounds for the report)."""
+
+    requests: int = 0  # requests sent (robots.txt included, retries included)
+    downloaded: int = 0  # URLs whose body was downloaded (decoding and checks come after)
+    failures: int = 0  # URLs that ended without a body (HTTP errors, timeouts, robots, paused host...)
+    http_429: int = 0
+    http_5xx: int = 0
+    timeouts: int = 0
+    robots_disallowed: int = 0  # URLs not requested because of robots.txt (disallowed or unavailable)
+    unavailable: int = 0  # URLs not requested because the host was paused
+    pauses: int = 0  # times the host was paused (back-off or failures)
+    seconds: float = 0.0  # wall time spent in requests to it
+
+    def add(self, other: "HostStats") -> None:
+        for f in self.__dataclass_fields__:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+    def to_dict(self) -> dict:
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["seconds"] = round(d["seconds"], 3)
+        return d
+
+
+@dataclass
+class HostState:
+    """Process-wide state of one host."""
+
+    active: int = 0
+    tokens: float = 1.0
+    refilled: float = field(default_factory=time.monotonic)
+    paused_until: float = 0.0
+    throttled_in_a_row: int = 0  # 429/5xx answers in a row
+    seq: int = 0  # requests started
+    last_good_seq: int = 0  # start number of the latest request the host answered properly
+    failed_seqs: set = field(default_factory=set)  # host failures of requests started after last_good_seq
+    unavailable_until: float = 0.0
+    probation: bool = False
+    robots_state: int = ROBOTS_UNKNOWN
+    robots: object = None  # a robots.RobotsPolicy, or None (no decision)
+
+    def refill(self, now: float, rps: float | None) -> None:
+        if rps is None:
+            self.tokens = 1.0
+            return
+        self.tokens = min(1.0, self.tokens + (now - self.refilled) * rps)
+        self.refilled = now
+
+    def token_ready_at(self, now: float, rps: float | None) -> float:
+        self.refill(now, rps)
+        return now if self.tokens >= 1.0 - 1e-9 else now + (1.0 - self.tokens) / rps  # type: ignore[operator]
+
+
+class Politeness:
+    """The host table of one crawl process (shared by threads; guarded by one condition variable)."""
+
+    def __init__(self, settings: PolitenessSettings):
+        self.settings = settings
+        self.cond = threading.Condition()
+        self.hosts: dict[str, HostState] = {}
+
+    def host(self, key: str) -> HostState:
+        st = self.hosts.get(key)
+        if st is None:
+            st = self.hosts[key] = HostState()
+        return st
+
+    def paused_hosts(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        with self.cond:
+            return sorted(k for k, s in self.hosts.items() if s.unavailable_until > now)
+
+    # -- called with self.cond held
+    def _start_request(self, st: HostState, now: float) -> int:
+        st.refill(now, self.settings.rps)
+        st.tokens -= 1.0
+        st.seq += 1
+        return st.seq
+
+    def record(self, key: str, seq: int, *, reason: str | None, http_status: int | None,
+               retry_after: float | None, stats: HostStats) -> None:
+        """Update ``key``'s state with the outcome of the request numbered ``seq`` (call with the lock held)."""
+        s = self.settings
+        st = self.host(key)
+        now = time.monotonic()
+        throttled = http_status == 429 or (http_status is not None and 500 <= http_status < 600)
+        if throttled:
+            st.throttled_in_a_row += 1
+            k = st.throttled_in_a_row
+            if retry_after is not None and http_status in (429, 503):
+                delay = retry_after
+            elif http_status == 429:
+                delay = s.backoff_base * 2 ** (k - 1)
+            else:  # a lone 5xx is one URL's problem; from the second in a row on the host backs off
+                delay = 0.0 if k == 1 else s.backoff_base * 2 ** (k - 2)
+            delay = min(s.max_retry_after, max(0.0, delay))
+            if delay > 0:
+                st.paused_until = max(st.paused_until, now + delay)
+                stats.pauses += 1
+        elif reason in HOST_FAILURES:
+            if seq > st.last_good_seq:
+                st.failed_seqs.add(seq)
+            if len(st.failed_seqs) >= s.failure_limit or st.probation:
+                if st.unavailable_until <= now:
+                    stats.pauses += 1
+                st.unavailable_until = now + s.pause_seconds
+                st.probation = False
+        else:  # an answer that says the host is fine (an image, a 404, a refused content type...)
+            st.throttled_in_a_row = 0
+            st.probation = False
+            if seq > st.last_good_seq:
+                st.last_good_seq = seq
+                st.failed_seqs = {x for x in st.failed_seqs if x > seq}
+
+
+@dataclass
+class Task:
+    key: int  # img2dataset's sample index in the shard
+    url: str
+    host: str
+    attempts: int = 0  # requests made for this URL so far (this round)
+    seq: int = 0  # the host's request number of the current attempt
+    fetch_robots: bool = False  # this thread must fetch the host's robots.txt first
+    skip_reason: str | None = None  # end without a request (host paused)
+    seconds: float = 0.0  # time spent in requests for this URL
+    timeouts: int = 0  # attempts that timed out
+
+
+class ShardScheduler:
+    """Hands out the URLs of one shard to download threads under the process's host limits."""
+
+    def __init__(self, politeness: Politeness, items: list[tuple[int, str]], *, respect_robots: bool):
+        self.p = politeness
+        self.respect_robots = respect_robots
+        self.queues: dict[str, collections.deque] = {}
+        for key, url in items:
+            h = host_key(url)
+            self.queues.setdefault(h, collections.deque()).append(Task(key, url, h))
+        self.ring = collections.deque(self.queues)  # hosts with queued URLs, round-robin
+        self.in_flight = 0
+        self.closed = False
+        self.stats: dict[str, HostStats] = collections.defaultdict(HostStats)
+
+    def _queued(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def take(self) -> Task | None:
+        """The next task for a thread, or None when the shard has no more work for it."""
+        p, s = self.p, self.p.settings
+        with p.cond:
+            while True:
+                if self.closed:
+                    return None
+                if not self.ring:
+                    if self.in_flight <= 0:
+                        p.cond.notify_all()  # the shard is done: every waiting thread may leave
+                        return None
+                    p.cond.wait(0.5)  # a request in flight may be retried
+                    continue
+                now = time.monotonic()
+                wake = math.inf
+                for _ in range(len(self.ring)):
+                    h = self.ring[0]
+                    self.ring.rotate(-1)
+                    st = p.host(h)
+                    q = self.queues[h]
+                    if st.unavailable_until > now:  # paused host: its URLs end without a request
+                        task = q.popleft()
+                        task.skip_reason = R.HOST_UNAVAILABLE
+                        self.stats[h].unavailable += 1
+                        self._drop_if_empty(h)
+                        self.in_flight += 1
+                        p.cond.notify()  # there may be more to hand out: wake one more thread (a chain)
+                        return task
+                    if st.unavailable_until and not st.probation and st.unavailable_until <= now:
+                        st.unavailable_until, st.probation, st.failed_seqs = 0.0, True, set()
+                    if st.robots_state == ROBOTS_FETCHING or st.active >= s.connections:
+                        continue
+                    ready = max(st.paused_until, st.token_ready_at(now, s.rps))
+                    if ready > now:
+                        wake = min(wake, ready)
+                        continue
+                    task = q.popleft()
+                    self._drop_if_empty(h)
+                    st.active += 1
+                    task.seq = p._start_request(st, now)
+                    if self.respect_robots and st.robots_state == ROBOTS_UNKNOWN:
+                        st.robots_state = ROBOTS_FETCHING
+                        task.fetch_robots = True
+                    self.in_flight += 1
+                    p.cond.notify()  # there may be more to hand out: wake one more thread (a chain)
+                    return task
+                p.cond.wait(None if wake == math.inf else max(0.001, wake - now))
+
+    def close(self) -> None:
+        """No more tasks: threads still waiting in :meth:`take` return None."""
+        with self.p.cond:
+            self.closed = True
+            self.p.cond.notify_all()
+
+    def _drop_if_empty(self, h: str) -> None:
+        if not self.queues[h]:
+            try:
+                self.ring.remove(h)
+            except ValueError:
+                pass
+
+    def requeue(self, task: Task) -> None:
+        """Give the task's slot back and put it first in its host's queue, to be handed out again when the host
+        may be requested (e.g. after its robots.txt: the image is a second request and waits for a token, but no
+        thread should sleep for it while other hosts are ready)."""
+        with self.p.cond:
+            self.in_flight -= 1
+            self.p.host(task.host).active -= 1
+            task.fetch_robots = False
+            q = self.queues[task.host]
+            if not q:
+                self.ring.append(task.host)
+            q.appendleft(task)
+            self.p.cond.notify()
+
+    def robots_done(self, task: Task, policy) -> None:
+        with self.p.cond:
+            st = self.p.host(task.host)
+            st.robots, st.robots_state = policy, ROBOTS_KNOWN
+            self.p.cond.notify_all()
+
+    def finish(self, task: Task, *, reason: str | None, http_status: int | None = None,
+               retry_after: float | None = None, requested: bool = True, retry: bool = False) -> bool:
+        """Record a finished attempt; with ``retry`` the URL goes back to the front of its host's queue (after
+        any pause). Returns True when the URL is finished (no retry)."""
+        p = self.p
+        with p.cond:
+            self.in_flight -= 1
+            hs = self.stats[task.host]
+            if task.skip_reason is None and requested:
+                st = p.host(task.host)
+                st.active -= 1
+                p.record(task.host, task.seq, reason=reason, http_status=http_status, retry_after=retry_after,
+                         stats=hs)
+                if st.unavailable_until > time.monotonic():
+                    retry = False
+            elif task.skip_reason is None:  # decided without a request (robots.txt): only the slot is given back
+                p.host(task.host).active -= 1
+            if http_status == 429:
+                hs.http_429 += 1
+            elif http_status is not None and 500 <= http_status < 600:
+                hs.http_5xx += 1
+            if retry:
+                task.fetch_robots = False
+                q = self.queues[task.host]
+                if not q:
+                    self.ring.append(task.host)
+                q.appendleft(task)
+            else:
+                if reason is None:
+                    hs.downloaded += 1
+                else:
+                    hs.failures += 1
+                    if reason in (R.ROBOTS_DISALLOWED, R.ROBOTS_UNAVAILABLE):
+                        hs.robots_disallowed += 1
+            # A slot came free (or a URL came back): one thread can use it; it wakes the next if there is more.
+            # Waking all of them would make every thread scan every host after every request.
+            p.cond.notify(1 if self.in_flight > 0 or self.ring else 2)
+            if not self.ring and self.in_flight <= 0:
+                p.cond.notify_all()
+            return not retry
+
+    def count_request(self, host: str, seconds: float, timed_out: bool) -> None:
+        with self.p.cond:
+            hs = self.stats[host]
+            hs.requests += 1
+            hs.seconds += seconds
+            hs.timeouts += int(timed_out)
+
+
+_registry: dict[PolitenessSettings, Politeness] = {}
+_registry_lock = threading.Lock()
+
+
+def process_politeness(settings: PolitenessSettings) -> Politeness:
+    """The host table of this process for ``settings`` (created on first use, kept for the process's life)."""
+    with _registry_lock:
+        p = _registry.get(settings)
+        if p is None:
+            p = _registry[settings] = Politeness(settings)
+        return p
+
+
+def reset_process_state() -> None:
+    """Forget every host (tests; a new crawl in a long-lived process)."""
+    with _registry_lock:
+        _registry.clear()

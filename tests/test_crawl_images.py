@@ -1,0 +1,66 @@
+"""The images stage reads the hashes the crawl computed instead of reading and decoding every image again, and
+its pool is byte-identical to the one it makes by decoding the published images itself."""
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.crawl import CrawlConfig, crawl_all, crawl_shard_files
+from pipelines.images import crawl_reader
+from pipelines.images.crawl_reader import HASH_COLUMNS
+from pipelines.images.stage import ImagesConfig, process_images
+from pipelines.synthweb.hostile import HostileWeb
+
+pytestmark = pytest.mark.slow
+
+HOSTS = ("127.0.0.10", "127.0.0.11", "127.0.0.12")
+CONFIG = CrawlConfig(allow_cidrs=("127.0.0.8/29",), timeout=3, max_download_seconds=3, retries=0, thread_count=8,
+                     number_sample_per_shard=20, image_size=64, per_host_rps=None, recrawl_rounds=0)
+
+
+@pytest.fixture(scope="module")
+def crawl_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crawlimg")
+    with HostileWeb(HOSTS) as web:
+        urls = [web.url(HOSTS[i % 3], f"/ok/i{i}.jpg") for i in range(24)]
+        urls += [web.url(HOSTS[i % 3], f"/big/n{i}.jpg") for i in range(6)]
+        urls += [web.url(HOSTS[1], "/ok/i3.jpg"), web.url(HOSTS[2], "/ok/i3.jpg")]  # the same bytes elsewhere
+        urls += [web.url(HOSTS[0], "/status/500/x.jpg"), web.url(HOSTS[2], "/status/404/y.jpg")]
+        rows = [{"uid": hashlib.sha256(u.encode()).hexdigest()[:32], "url": u, "caption": f"picture {i}",
+                 "entry_ids": [i % 4, 7], "lang": "en", "lang_score": 1.0, "keep_prob": 1.0}
+                for i, u in enumerate(urls)]
+        schema = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                            ("entry_ids", pa.list_(pa.int32())), ("lang", pa.string()),
+                            ("lang_score", pa.float32()), ("keep_prob", pa.float64())])
+        pq.write_table(pa.Table.from_pylist(rows, schema), tmp / "candidates.parquet")
+        crawl_all(tmp / "candidates.parquet", tmp / "crawl", CONFIG.replace(staging_dir=str(tmp / "staging")))
+    return tmp
+
+
+def _pool_bytes(pool_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(pool_dir.glob("samples-*.parquet"))}
+
+
+def test_pool_is_identical_without_reading_the_tars(crawl_dir, monkeypatch, tmp_path):
+    cfg = ImagesConfig(min_side=32, max_aspect=3.0, near_dup_radius=4)
+
+    def no_tar_reads(*_a, **_k):
+        raise AssertionError("the images stage read a crawl tar although the crawl computed the hashes")
+
+    with monkeypatch.context() as m:
+        m.setattr(crawl_reader, "_tar_images", no_tar_reads)
+        fast = process_images(str(crawl_dir / "crawl"), str(tmp_path / "pool-fast"), cfg,
+                              rejected_uri=str(tmp_path / "rej-fast.parquet"))
+    # The same crawl without the crawl's columns: the stage reads every tar and decodes every image.
+    for _r, pq_uri, _t in crawl_shard_files(str(crawl_dir / "crawl")):
+        t = pq.read_table(pq_uri)
+        pq.write_table(t.drop_columns([c for c in HASH_COLUMNS if c in t.column_names]), pq_uri)
+    slow = process_images(str(crawl_dir / "crawl"), str(tmp_path / "pool-slow"), cfg,
+                          rejected_uri=str(tmp_path / "rej-slow.parquet"))
+    assert fast.kept == slow.kept >= 28 and fast.rejected == slow.rejected
+    assert fast.rejected.get("dedup:exact_duplicate") == 2, fast.rejected
+    assert _pool_bytes(tmp_path / "pool-fast") == _pool_bytes(tmp_path / "pool-slow")
+    assert (tmp_path / "rej-fast.parquet").read_bytes() == (tmp_path / "rej-slow.parquet").read_bytes()
