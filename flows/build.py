@@ -39,9 +39,11 @@ def crawl_log_file(cfg: BuildConfig) -> str:
 
     work = cfg.work_dir()
     if storage.is_s3(work):
-        return str(Path(tempfile.gettempdir()) / "clipline-logs" / hashlib.sha256(work.encode()).hexdigest()[:16]
-                   / "crawl.log")
-    return str(Path(work) / "logs" / "crawl.log")
+        path = Path(tempfile.gettempdir()) / "clipline-logs" / hashlib.sha256(work.encode()).hexdigest()[:16] / "crawl.log"
+    else:
+        path = Path(work) / "logs" / "crawl.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
 
 
 def plan_stages(cfg: BuildConfig, *, progress=None) -> list[Stage]:
