@@ -31,3 +31,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+# Side environment .venv-openclip (torch 2.14.1 + torchvision 0.29.1 from local wheels, open_clip_torch 3.3.0,
+# webdataset 0.2.86, clip-benchmark), then clip_train vs open_clip feature/tokenizer parity both ways.
+parity:
+	$(PY) benchmarks/parity_openclip.py

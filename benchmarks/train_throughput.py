@@ -142,7 +142,7 @@ def run_open_clip_model_in_our_loop(shards: Path, args) -> dict:
     cfg = StreamConfig(urls=resolve_shards(str(shards)).urls, batch_size=args.batch_size, image_size=224, steps_per_epoch=args.steps,
                        trim_tokens=False)
     rates = []
-    for step, (images, texts) in enumerate(epoch_loader(cfg, tokenizer, 0, 0, 1, args.workers, pin_memory=True)):
+    for step, (images, texts, _stats) in enumerate(epoch_loader(cfg, tokenizer, 0, 0, 1, args.workers, pin_memory=True)):
         start = time.perf_counter()
         images, texts = images.cuda(non_blocking=True), texts.cuda(non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):

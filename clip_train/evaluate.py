@@ -1,36 +1,47 @@
 """Evaluation of a training run: `main(argv)` behind `clipline eval`, and the library calls other stages use.
 
-`clipline eval --checkpoint RUN_DIR --eval-set SPEC... --out DIR [--linear-probe] [--retrieval SPEC]` writes
+`clipline eval --checkpoint PATH --eval-set SPEC... --out DIR [--linear-probe] [--retrieval SPEC]` writes
 DIR/eval.json ({"eval_sets": {name: {zeroshot_top1, zeroshot_top5, mean_per_class_recall, [linear_probe_top1], n}}},
-plus per-class recall, the probe's chosen C and retrieval recall@1/5/10) and DIR/eval.md.
-Evaluation sets come from the registry in `pipelines.evalsets` (spec strings such as "digits", "cifar10:PATH").
+plus per-class recall, the probe's chosen C and retrieval recall@1/5/10) and DIR/eval.md (local or s3://).
+PATH is a clipline run directory, an open_clip checkpoint (+ its config) or an OpenAI state dict / TorchScript
+file (see `clip_train.interop`). Evaluation sets come from the registry in `pipelines.evalsets` (spec strings such
+as "digits", "cifar10:PATH"); `wds:ROOT` also reads CLIP_benchmark's webdataset layout (`clip_train.benchmark_wds`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clip_train import checkpoint
 from clip_train.checkpoint import atomic_write_bytes, atomic_write_json
+from clip_train.errors import EvalError
 from clip_train.linear_probe import linear_probe
 from clip_train.model import CLIP
 from clip_train.retrieval import load_captioned_pairs, retrieval_metrics
 from clip_train.zeroshot import classification_metrics, image_features, zeroshot_logits
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, run config dict) of a training run directory."""
-    return checkpoint.load_model(run_dir, device)
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", model_config=None, bpe: str | None = None):
+    """(model in eval mode, tokenizer, config dict with "model", "step", "format") of any supported checkpoint."""
+    from clip_train.interop import load_any
+
+    loaded = load_any(str(checkpoint), device, model_config=model_config, bpe=bpe)
+    config = dict(loaded.info.get("config") or {})
+    config.update({"model": loaded.info.get("model"), "step": loaded.info.get("step"), "format": loaded.format,
+                   "fingerprint_files": loaded.files})
+    return loaded.model, loaded.tokenizer, config
 
 
 def _eval_set(spec_or_set):
     if isinstance(spec_or_set, str):
+        from clip_train.benchmark_wds import is_benchmark_layout, load_benchmark_wds
+
+        if spec_or_set.startswith("wds:") and is_benchmark_layout(spec_or_set[len("wds:"):]):
+            return load_benchmark_wds(spec_or_set[len("wds:"):], spec=spec_or_set)
         from pipelines.evalsets import load_eval_set
 
         return load_eval_set(spec_or_set)
@@ -40,7 +51,8 @@ def _eval_set(spec_or_set):
 def zeroshot_predictions(
     run_dir: str | Path, eval_set, device: str = "cpu", batch_size: int = 256
 ) -> list[tuple[str, int, int]]:
-    """(eval_id, predicted_label, true_label) per example of an evaluation set (a spec string or an EvalSet)."""
+    """(eval_id, predicted_label, true_label) per example of an evaluation set (a spec string or an EvalSet), for a
+    checkpoint in any supported format."""
     model, tokenizer, _ = load_model(run_dir, device)
     eval_set = _eval_set(eval_set)
     logits, labels, ids, _ = zeroshot_logits(model, tokenizer, eval_set, device, batch_size)
@@ -144,11 +156,12 @@ def _markdown(report: dict) -> str:
 def evaluate_run(
     run_dir: str | Path, eval_specs: list, out_dir: str | Path | None = None, linear_probe_on: bool = False,
     retrieval_specs: list[str] = (), device: str = "cpu", batch_size: int = 256, probe_max_train: int | None = 10_000,
-    retrieval_max: int = 1000, seed: int = 0,
+    retrieval_max: int = 1000, seed: int = 0, model_config=None, bpe: str | None = None,
 ) -> dict:
-    """Evaluate a run on registry specs (or EvalSet objects); write eval.json and eval.md into out_dir when given."""
-    model, tokenizer, config = load_model(run_dir, device)
-    report: dict = {"checkpoint": str(run_dir), "model": config.get("model"), "step": config["step"], "eval_sets": {}}
+    """Evaluate a checkpoint on registry specs (or EvalSet objects); write eval.json and eval.md into out_dir."""
+    model, tokenizer, config = load_model(run_dir, device, model_config, bpe)
+    report: dict = {"checkpoint": str(run_dir), "model": config.get("model"), "step": config.get("step"),
+                    "format": config.get("format"), "eval_sets": {}}
     for spec in eval_specs:
         eval_set = _eval_set(spec)
         name = eval_set.name
@@ -168,17 +181,29 @@ def evaluate_run(
             images, captions, _ = load_captioned_pairs(spec, retrieval_max)
             report["retrieval"][spec] = retrieval_metrics(model, tokenizer, images, captions, device, batch_size)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "eval.json", report)
-        atomic_write_bytes(out / "eval.md", _markdown(report).encode())
+        from pipelines.core import storage
+
+        atomic_write_json(storage.join(str(out_dir), "eval.json"), report)
+        atomic_write_bytes(storage.join(str(out_dir), "eval.md"), _markdown(report).encode())
     return report
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2 through the CLI, like every other user error
+        raise EvalError(f"{self.prog}: {message} (--help for usage)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipline eval", description="Zero-shot, linear-probe and retrieval evaluation of a run.")
-    p.add_argument("--checkpoint", required=True, help="training run directory (config.json, checkpoint.pt, tokenizer.json)")
-    p.add_argument("--eval-set", nargs="+", default=[], help="registry specs: digits, cifar10:PATH[:test|:train], folder:PATH, ...")
+    p = _Parser(prog="clipline eval", description="Zero-shot, linear-probe and retrieval evaluation of a run.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a clipline run directory, an open_clip checkpoint (+ NAME.json beside it) or an OpenAI state "
+                        "dict / TorchScript file")
+    p.add_argument("--model-config", default=None,
+                   help="model config for a checkpoint without one beside it (open_clip or clip_train JSON, or a name)")
+    p.add_argument("--bpe-merges", default=None, help="CLIP-format BPE merges file for OpenAI / open_clip checkpoints")
+    p.add_argument("--eval-set", nargs="+", default=[],
+                   help="registry specs: digits, cifar10:PATH[:test|:train], folder:PATH, wds:GLOB, wds:ROOT "
+                        "(CLIP_benchmark layout), synth:PATH")
     p.add_argument("--out", required=True, help="output directory for eval.json and eval.md")
     p.add_argument("--linear-probe", action="store_true", help="also fit a logistic-regression probe per eval set")
     p.add_argument("--retrieval", nargs="+", default=[], help="held-out captioned shards (dir, brace/glob pattern, s3://)")
@@ -194,16 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.eval_set and not args.retrieval:
-        raise SystemExit("nothing to evaluate: give --eval-set SPEC... and/or --retrieval SPEC")
+        raise EvalError("nothing to evaluate: give --eval-set SPEC... and/or --retrieval SPEC")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pipelines.evalsets import EvalSetSpecError
+
     try:
         report = evaluate_run(
             args.checkpoint, args.eval_set, args.out, args.linear_probe, args.retrieval, device, args.batch_size,
-            args.probe_max_train, args.retrieval_max, args.seed,
+            args.probe_max_train, args.retrieval_max, args.seed, args.model_config, args.bpe_merges,
         )
+    except EvalSetSpecError as exc:  # a registry error is a user error: one line, exit 2
+        raise EvalError(str(exc)) from None
     finally:
         torch.set_num_threads(threads)
     print(_markdown(report))

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipelines.core.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -34,6 +36,9 @@ class VisionConfig:
     layers: Any = 12  # vit: int; resnet: [3, 4, 6, 3]
     heads: int = 12  # vit: attention heads; resnet: attention-pool heads
     mlp_ratio: float = 4.0
+    # Normalisation of the model's preprocessing (None: CLIP's mean/std); set for imported checkpoints that differ.
+    image_mean: Any = None
+    image_std: Any = None
 
 
 @dataclass
@@ -60,7 +65,14 @@ class CLIPConfig:
         known = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"model config has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+            raise ConfigError(f"model config has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+        for part, klass in (("vision_cfg", VisionConfig), ("text_cfg", TextConfig)):
+            extra = set(d.get(part, {})) - set(klass.__dataclass_fields__)
+            if extra:
+                raise ConfigError(f"model config {part} has unknown keys {sorted(extra)}; "
+                                  f"expected {sorted(klass.__dataclass_fields__)}")
+        if "embed_dim" not in d:
+            raise ConfigError("model config has no embed_dim")
         return cls(
             embed_dim=int(d["embed_dim"]),
             vision_cfg=VisionConfig(**d.get("vision_cfg", {})),
@@ -77,14 +89,20 @@ def list_models() -> list[str]:
 
 
 def load_config(name_or_path: str | Path) -> CLIPConfig:
-    """A named config (`tiny`, `RN50`, `ViT-B-32`, `ViT-B-16`; '/' is accepted for '-') or a JSON file path."""
-    path = Path(name_or_path)
-    if not path.suffix == ".json" or not path.exists():
-        path = CONFIG_DIR / f"{str(name_or_path).replace('/', '-')}.json"
-    if not path.exists():
-        raise ValueError(f"unknown model {name_or_path!r}: not a JSON file and not one of {list_models()}")
-    with open(path) as f:
-        return CLIPConfig.from_dict(json.load(f))
+    """A named config (`tiny`, `RN50`, `ViT-B-32`, `ViT-B-16`; '/' is accepted for '-') or a JSON file (local or
+    s3://, read through pipelines.core.storage)."""
+    from pipelines.core import storage
+
+    uri = str(name_or_path)
+    if not (uri.endswith(".json") and storage.exists(uri)):
+        uri = str(CONFIG_DIR / f"{uri.replace('/', '-')}.json")
+        if not storage.exists(uri):
+            raise ConfigError(f"unknown model {name_or_path!r}: not a JSON file and not one of {list_models()}")
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except ValueError as exc:
+        raise ConfigError(f"{uri}: not a JSON model config ({exc})") from None
+    return CLIPConfig.from_dict(data)
 
 
 class QuickGELU(nn.Module):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from clip_train.data import SkipCounter, raw_samples, resolve_shards
 from clip_train.model import CLIP
-from clip_train.transforms import EvalTransform
+from clip_train.transforms import eval_transform_for
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -72,7 +72,7 @@ def retrieval_metrics(
     model: CLIP, tokenizer, images: Sequence[Image.Image], captions: Sequence[str], device="cpu", batch_size: int = 256
 ) -> dict[str, float]:
     """One caption per image (caption i belongs to image i)."""
-    transform = EvalTransform(model.image_size)
+    transform = eval_transform_for(model)
     image_feats, text_feats = [], []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(im) for im in images[start : start + batch_size]]).to(device)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pipelines.core import storage
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -48,36 +49,34 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, samples_per_shard: int) -> list[Path]:
-    """Write NNNNN.tar shards (each complete under a temporary name, then renamed) and sizes.json last."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
+    """Write NNNNN.tar shards (each whole or not at all, through pipelines.core.storage: a local directory or an
+    s3:// prefix) and sizes.json last. Returns the shard paths (Path objects for a local directory)."""
+    out = str(out_dir)
+    names: list[str] = []
     sizes: dict[str, int] = {}
-    tar = None
-    count = 0
+    batch: list[Sample] = []
 
-    def close() -> None:
-        tar.close()
-        os.replace(paths[-1].with_suffix(".tar.tmp"), paths[-1])
-        sizes[paths[-1].name] = count
+    def flush() -> None:
+        name = f"{len(names):05d}.tar"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in batch:
+                _add_member(tar, f"{sample.key}.jpg", sample.jpeg)
+                _add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
+                _add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
+        storage.write_bytes_atomic(storage.join(out, name), buf.getvalue())
+        names.append(name)
+        sizes[name] = len(batch)
+        batch.clear()
 
     for sample in samples:
-        if tar is None or count == samples_per_shard:
-            if tar is not None:
-                close()
-            paths.append(out_dir / f"{len(paths):05d}.tar")
-            tar = tarfile.open(paths[-1].with_suffix(".tar.tmp"), "w", format=tarfile.USTAR_FORMAT)
-            count = 0
-        _add_member(tar, f"{sample.key}.jpg", sample.jpeg)
-        _add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
-        _add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
-        count += 1
-    if tar is not None:
-        close()
-    tmp = out_dir / "sizes.json.tmp"
-    tmp.write_text(json.dumps(sizes, indent=1, sort_keys=True))
-    os.replace(tmp, out_dir / "sizes.json")
-    return paths
+        batch.append(sample)
+        if len(batch) == samples_per_shard:
+            flush()
+    if batch:
+        flush()
+    storage.write_bytes_atomic(storage.join(out, "sizes.json"), json.dumps(sizes, indent=1, sort_keys=True).encode())
+    return [Path(storage.join(out, n)) if not storage.is_s3(out) else storage.join(out, n) for n in names]
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import html
+import io
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,6 +31,9 @@ CONTEXT_LENGTH = 77
 CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # CLIP keeps 49152 - 256 - 2 merges of its 16e6 file, for a vocabulary of 49408.
 CLIP_VOCAB_SIZE = 49408
+# sha256 of the 48894 merges CLIP uses ("left right" lines joined by newlines), computed from the
+# bpe_simple_vocab_16e6.txt.gz that open_clip ships (benchmarks/parity_openclip.py checks it again).
+CLIP_MERGES_SHA256 = "f61f2adf497e6f5357c347aeb4646fabe82f341e946de5bdec5d2858e41bef4a"
 
 
 @functools.lru_cache
@@ -130,11 +134,15 @@ class CLIPTokenizer:
         cls, path: str | Path, vocab_size: int = CLIP_VOCAB_SIZE, context_length: int = CONTEXT_LENGTH
     ) -> "CLIPTokenizer":
         """Load CLIP's `bpe_simple_vocab_16e6.txt(.gz)`: a '#version' header line, then one 'a b' merge per line."""
-        path = Path(path)
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        if lines and lines[0].startswith("#version"):
+        from pipelines.core import storage
+
+        path = str(path)
+        data = storage.read_bytes(path)
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+        lines = data.decode("utf-8").split("\n")
+        # The first line is a header ("#version: 0.2", in open_clip's copy '"bpe_simple_vocab_16e6.txt#version: 0.2').
+        if lines and "#version" in lines[0]:
             lines = lines[1:]
         merges = []
         for lineno, line in enumerate(lines, start=2):
@@ -149,19 +157,50 @@ class CLIPTokenizer:
 
     # -- persistence -----------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        """Write tokenizer.json (local or s3://, atomically)."""
+        from pipelines.core import storage
+
         data = json.loads(self.tokenizer.to_str())
         data["clipline"] = {"context_length": self.context_length, "sot": SOT, "eot": EOT}
-        tmp.write_text(json.dumps(data, ensure_ascii=False, sort_keys=True))
-        os.replace(tmp, path)
+        storage.write_bytes_atomic(str(path), json.dumps(data, ensure_ascii=False, sort_keys=True).encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> "CLIPTokenizer":
-        path = Path(path)
-        data = json.loads(path.read_text())
+        from pipelines.core import storage
+
+        data = json.loads(storage.read_bytes(str(path)))
         context_length = data.pop("clipline", {}).get("context_length", CONTEXT_LENGTH)
         return cls(Tokenizer.from_str(json.dumps(data)), context_length)
+
+    def merges(self) -> list[tuple[str, str]]:
+        """The BPE merges, in rank order."""
+        merges = json.loads(self.tokenizer.to_str())["model"]["merges"]
+        return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+    def merges_sha256(self) -> str:
+        return hashlib.sha256("\n".join(f"{a} {b}" for a, b in self.merges()).encode("utf-8")).hexdigest()
+
+    def is_clip(self) -> bool:
+        """True when this is CLIP's own tokenizer (CLIP's merges, its 49408-token layout, its context length)."""
+        return (self.merges_sha256() == CLIP_MERGES_SHA256 and self.vocab_size == CLIP_VOCAB_SIZE
+                and self.context_length == CONTEXT_LENGTH)
+
+    def clip_merges_file_bytes(self) -> bytes:
+        """The merges in the format of CLIP's bpe_simple_vocab_16e6.txt.gz (a header line, one merge per line),
+        gzipped: what open_clip's SimpleTokenizer(bpe_path=...) reads. No trailing newline: SimpleTokenizer would
+        read it as one more (empty) merge and shift the ids of the special tokens."""
+        merges = self.merges()
+        results = ["".join(m) for m in merges]
+        if len(set(results)) != len(results):
+            raise ValueError("this tokenizer has two merges with the same result; open_clip's SimpleTokenizer numbers "
+                             "such tokens differently, so its merges cannot be exported as a CLIP merges file")
+        if len(merges) > CLIP_VOCAB_SIZE - 512 - 2:
+            raise ValueError(f"{len(merges)} merges: open_clip's SimpleTokenizer reads at most {CLIP_VOCAB_SIZE - 514}")
+        text = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges)
+        buf = io.BytesIO()
+        with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as f:
+            f.write(text.encode("utf-8"))
+        return buf.getvalue()
 
     # -- use -------------------------------------------------------------------------------------------------------
     @property

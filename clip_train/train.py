@@ -1,8 +1,10 @@
 """The CLIP trainer: `main(argv)` behind `clipline train` (one process, or one per GPU under torchrun).
 
 Contract: `--data SHARDS --model NAME --out RUN_DIR [--batch-size N] [--steps N] [--lr X] [--seed S] [--resume]
-[--device cpu|cuda]` writes RUN_DIR/metrics.jsonl (one JSON object per logged step), RUN_DIR/checkpoint.pt (latest,
-atomic), RUN_DIR/config.json and RUN_DIR/tokenizer.json.
+[--device cpu|cuda] [--online-balance MANIFEST_OR_POOL [--online-t T]]` writes RUN_DIR/metrics.jsonl (one JSON object
+per logged step, with the loader's skipped-sample counts), RUN_DIR/checkpoint.pt (latest, atomic),
+RUN_DIR/config.json and RUN_DIR/tokenizer.json. RUN_DIR may be local or s3://: every write goes through
+`pipelines.core.storage`. User mistakes raise `clip_train.errors.TrainError` (one line, exit code 2 in the CLI).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
@@ -31,17 +31,24 @@ from clip_train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from clip_train.data import StreamConfig, epoch_loader, iter_captions, resolve_shards, steps_per_epoch
+from clip_train.data import StreamConfig, epoch_loader, iter_captions, iter_sample_meta, resolve_shards, steps_per_epoch
+from clip_train.errors import TrainError
 from clip_train.loss import ClipLoss, in_batch_retrieval_accuracy
 from clip_train.model import CLIP, load_config
 from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.tokenizer import CLIPTokenizer
+from pipelines.core import storage
 
 METRICS_NAME = "metrics.jsonl"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2 through the CLI, like every other user error
+        raise TrainError(f"{self.prog}: {message} (--help for usage)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipline train", description="Train a CLIP model on webdataset shards.")
+    p = _Parser(prog="clipline train", description="Train a CLIP model on webdataset shards.")
     p.add_argument("--data", required=True, help="shard dir (with sizes.json), brace/glob pattern, or s3://... ('::' joins)")
     p.add_argument("--model", required=True, help="named config (tiny, RN50, ViT-B-32, ViT-B-16) or a JSON file")
     p.add_argument("--out", required=True, help="run directory")
@@ -79,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and always at the end)")
     p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step, keeping the schedule of --steps")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--online-balance", default=None, metavar="MANIFEST_OR_POOL",
+                   help="re-draw MetaCLIP's balanced subset every epoch from the pool in --data: a build's manifest.json "
+                        "(or build dir), an entry-counts Parquet or a pool Parquet file/dir (uid, entry_ids)")
+    p.add_argument("--online-t", type=float, default=None, help="MetaCLIP t for --online-balance (default: the manifest's)")
     return p
 
 
@@ -124,12 +135,48 @@ def _build_tokenizer(args: argparse.Namespace, urls: list[str], context_length: 
     return CLIPTokenizer.train(iter_captions(urls, args.tokenizer_captions), vocab_size=args.vocab_size, context_length=context_length)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    # A resumed run rewrites the steps after its checkpoint, so drop the lines a killed run logged past it.
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+class MetricsLog:
+    """metrics.jsonl through storage: lines are kept in memory and the file is rewritten atomically at most every
+    ``flush_s`` seconds, at every checkpoint and at the end (works the same for a local or an s3:// run directory).
+    A resumed run starts from the lines up to its checkpoint's step: the lines a killed run logged past it go."""
+
+    def __init__(self, uri: str, last_step: int, flush_s: float | None = None):
+        # Every flush rewrites the whole file: every 5 s locally, every 60 s on object storage (one PUT each).
+        self.uri, self.flush_s = uri, flush_s if flush_s is not None else (60.0 if storage.is_s3(uri) else 5.0)
+        self.lines: list[str] = []
+        if storage.exists(uri):
+            for line in storage.read_bytes(uri).decode().splitlines():
+                if line.strip() and json.loads(line)["step"] <= last_step:
+                    self.lines.append(line)
+        self._last_flush = 0.0
+        self.flush()
+
+    def write(self, record: dict) -> None:
+        self.lines.append(json.dumps(record))
+        if time.monotonic() - self._last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        atomic_write_bytes(self.uri, "".join(line + "\n" for line in self.lines).encode())
+        self._last_flush = time.monotonic()
+
+
+def _online_balance(args: argparse.Namespace, urls: list[str]):
+    """(OnlineBalance, expected samples per epoch) for --online-balance, else (None, None)."""
+    if not args.online_balance:
+        return None, None
+    from clip_train.online_balance import load_online_balance
+
+    online = load_online_balance(args.online_balance, t=args.online_t, seed=args.seed)
+    entry_lists = []
+    for uid, meta in iter_sample_meta(urls):
+        if meta.get("entry_ids") is None:
+            raise TrainError(f"--online-balance: sample {uid} of --data has no entry_ids in its .json")
+        entry_lists.append(meta["entry_ids"])
+    expected = online.expected_kept(entry_lists)
+    if expected < 1:
+        raise TrainError(f"--online-balance: the draw keeps {expected:.2f} samples per epoch in expectation")
+    return online, {"pool_samples": len(entry_lists), "expected_per_epoch": expected}
 
 
 class _Progress:
@@ -153,42 +200,65 @@ class _Progress:
             self.bar.close()
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every numeric option checked before any work, each with a one-line error."""
+    for name in ("batch_size", "epochs", "log_every", "save_every", "shuffle_buffer", "vocab_size", "tokenizer_captions"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("steps", "samples_per_epoch", "stop_at", "text_vocab_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        raise TrainError(f"--lr must be a positive number, got {args.lr}")
+    if args.warmup is not None and args.warmup < 0:
+        raise TrainError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.workers is not None and args.workers < 0:
+        raise TrainError(f"--workers must be >= 0, got {args.workers}")
+    if args.online_t is not None and not args.online_t > 0:
+        raise TrainError(f"--online-t must be positive, got {args.online_t}")
+    if args.online_t is not None and not args.online_balance:
+        raise TrainError("--online-t needs --online-balance MANIFEST_OR_POOL")
+    lo, hi = args.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise TrainError(f"--crop-scale must satisfy 0 < MIN <= MAX <= 1, got {lo} {hi}")
+
+
 def train(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    _check_args(args)
+    out = str(args.out)
     info = init_distributed("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = _resolve_device(args.device, info)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    ckpt_path = out / CHECKPOINT_NAME
-    resuming = args.resume and ckpt_path.exists()
-    if ckpt_path.exists() and not args.resume:
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-
-    shards = resolve_shards(args.data)
-    samples_per_epoch = args.samples_per_epoch or shards.num_samples
-    if samples_per_epoch is None:
-        raise SystemExit(f"{args.data}: no sizes.json covers these shards; pass --samples-per-epoch")
-    spe = steps_per_epoch(samples_per_epoch, args.batch_size, info.world)
-    total_steps = args.steps if args.steps is not None else args.epochs * spe
-    if total_steps <= 0:
-        raise SystemExit(f"--steps must be positive, got {total_steps}")
-    warmup = args.warmup if args.warmup is not None else min(2000, max(1, total_steps // 20))
+    ckpt_path = storage.join(out, CHECKPOINT_NAME)
+    has_checkpoint = storage.exists(ckpt_path)
+    resuming = args.resume and has_checkpoint
+    if has_checkpoint and not args.resume:
+        raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
     model_cfg = load_config(args.model)
+    shards = resolve_shards(args.data)
+    online, online_info = _online_balance(args, shards.urls)
+    samples_per_epoch = args.samples_per_epoch or (round(online_info["expected_per_epoch"]) if online else shards.num_samples)
+    if samples_per_epoch is None:
+        raise TrainError(f"{args.data}: no sizes.json covers these shards; pass --samples-per-epoch")
+    spe = steps_per_epoch(samples_per_epoch, args.batch_size, info.world)
+    total_steps = args.steps if args.steps is not None else args.epochs * spe
+    warmup = args.warmup if args.warmup is not None else min(2000, max(1, total_steps // 20))
+
     if resuming:
-        saved = json.loads((out / CONFIG_NAME).read_text())
+        saved = storage.read_json(storage.join(out, CONFIG_NAME))
         if saved["model"] != args.model:
-            raise SystemExit(f"{out} was trained with --model {saved['model']}, not {args.model}")
-        tokenizer = CLIPTokenizer.load(out / TOKENIZER_NAME)
+            raise TrainError(f"{out} was trained with --model {saved['model']}, not {args.model}")
+        tokenizer = CLIPTokenizer.load(storage.join(out, TOKENIZER_NAME))
     else:
         if info.main:
             tokenizer = _build_tokenizer(args, shards.urls, model_cfg.text_cfg.context_length)
-            tokenizer.save(out / TOKENIZER_NAME)
+            tokenizer.save(storage.join(out, TOKENIZER_NAME))
         if info.world > 1:
             dist.barrier()
-        tokenizer = CLIPTokenizer.load(out / TOKENIZER_NAME)
+        tokenizer = CLIPTokenizer.load(storage.join(out, TOKENIZER_NAME))
     if args.text_vocab_size is not None and args.text_vocab_size < tokenizer.vocab_size:
-        raise SystemExit(f"--text-vocab-size {args.text_vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        raise TrainError(f"--text-vocab-size {args.text_vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     model_cfg.text_cfg.vocab_size = args.text_vocab_size or tokenizer.vocab_size
     model_cfg.text_cfg.eot_token_id = tokenizer.eot_token_id
     model_cfg.text_cfg.context_length = tokenizer.context_length
@@ -202,6 +272,7 @@ def train(args: argparse.Namespace) -> int:
     )
     scheduler = build_scheduler(optimizer, warmup, total_steps)
     start_step = 0
+    skipped_total: dict[str, int] = {}
     if resuming:
         state = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(state["model"])
@@ -209,8 +280,9 @@ def train(args: argparse.Namespace) -> int:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
+        skipped_total = dict(state.get("skipped", {}))
         if state["total_steps"] != total_steps:
-            raise SystemExit(f"checkpoint was written for --steps {state['total_steps']}, this run asks for {total_steps}")
+            raise TrainError(f"checkpoint was written for --steps {state['total_steps']}, this run asks for {total_steps}")
     config = {
         "model": args.model,
         "model_config": model_cfg.to_dict(),
@@ -224,11 +296,11 @@ def train(args: argparse.Namespace) -> int:
         "world_size": info.world,
         "global_batch_size": args.batch_size * info.world,
         "precision": precision,
+        "online_balance": None if online is None else {**online.describe(), **online_info},
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())},
     }
     if info.main:
-        atomic_write_json(out / CONFIG_NAME, config)
-        _truncate_metrics(out / METRICS_NAME, start_step)
+        atomic_write_json(storage.join(out, CONFIG_NAME), config)
 
     train_model: torch.nn.Module = model
     if info.world > 1:
@@ -247,7 +319,7 @@ def train(args: argparse.Namespace) -> int:
     stream_cfg = StreamConfig(
         urls=shards.urls, batch_size=args.batch_size, image_size=model_cfg.vision_cfg.image_size, steps_per_epoch=spe,
         seed=args.seed, resample=not args.no_resample, shuffle_buffer=args.shuffle_buffer,
-        crop_scale=tuple(args.crop_scale), trim_tokens=not args.compile,
+        crop_scale=tuple(args.crop_scale), trim_tokens=not args.compile, online=online,
     )
     workers = args.workers if args.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
     if args.threads:
@@ -259,10 +331,12 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - workers))
     end_step = min(total_steps, args.stop_at) if args.stop_at is not None else total_steps
     progress = _Progress(end_step, start_step, info.main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())))
-    metrics_file = open(out / METRICS_NAME, "a") if info.main else None
+    metrics_file = MetricsLog(storage.join(out, METRICS_NAME), start_step) if info.main else None
+    online_counts = {"online_seen": 0, "online_kept": 0}
 
     def save(step: int) -> None:
         if info.main:
+            metrics_file.flush()
             save_checkpoint(
                 ckpt_path,
                 {
@@ -274,6 +348,7 @@ def train(args: argparse.Namespace) -> int:
                     "rng": rng_state(),
                     "model_name": args.model,
                     "model_config": model_cfg.to_dict(),
+                    "skipped": dict(skipped_total),
                 },
             )
         if info.world > 1:
@@ -294,7 +369,11 @@ def train(args: argparse.Namespace) -> int:
                     skip_batches=index_in_epoch, pin_memory=device.type == "cuda",
                 )
                 batches, current_epoch = iter(loader), epoch
-            images, texts = next(batches)
+            images, texts, batch_stats = next(batches)
+            for reason, n in batch_stats.get("skipped", {}).items():
+                skipped_total[reason] = skipped_total.get(reason, 0) + n
+            for key in online_counts:
+                online_counts[key] += batch_stats.get(key, 0)
             data_ready = time.perf_counter()
             images = images.to(device, non_blocking=True)
             texts = texts.to(device, non_blocking=True)
@@ -330,9 +409,13 @@ def train(args: argparse.Namespace) -> int:
                     "samples_per_s": args.batch_size * info.world * window["steps"] / window["time"],
                     "data_wait_s": window["data"] / window["steps"],
                     "step_time_s": window["time"] / window["steps"],
+                    # Samples the loader skipped so far (decode errors, missing captions, ...), by reason.
+                    "skipped": dict(skipped_total),
                 }
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                if online is not None:
+                    record["online_kept_fraction"] = (online_counts["online_kept"] / online_counts["online_seen"]
+                                                      if online_counts["online_seen"] else None)
+                metrics_file.write(record)
                 progress.update(loss_value, lr)
                 window = {"steps": 0, "time": 0.0, "data": 0.0}
             else:
@@ -347,7 +430,7 @@ def train(args: argparse.Namespace) -> int:
     finally:
         progress.close()
         if metrics_file is not None:
-            metrics_file.close()
+            metrics_file.flush()
     return 0
 
 

@@ -14,28 +14,42 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 (3, H, W) normalised with CLIP's mean/std."""
+def to_normalized_tensor(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, H, W) normalised with a mean/std (CLIP's by default)."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 class EvalTransform:
-    """Resize the shorter side to `size` (bicubic), centre-crop size x size, normalise."""
+    """open_clip's / torchvision's evaluation transform, exactly: resize the shorter side to `size` (bicubic, the
+    longer side to int(size * long / short)), centre-crop size x size (offsets rounded as torchvision does),
+    normalise. (Images are converted to RGB first; open_clip converts after resizing, which only matters for
+    palette or alpha images.)"""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, mean=CLIP_MEAN, std=CLIP_STD):
         self.size = size
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
+        size = self.size
         w, h = image.size
-        scale = self.size / min(w, h)
-        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        # Resize the needed region straight from the source (PIL's box argument): one resampling, no copy.
-        box = (left / scale, top / scale, (left + self.size) / scale, (top + self.size) / scale)
-        return to_normalized_tensor(image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box))
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = size, int(size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        if (left, top, new_w, new_h) != (0, 0, size, size):
+            image = image.crop((left, top, left + size, top + size))
+        return to_normalized_tensor(image, self.mean, self.std)
+
+
+def eval_transform_for(model) -> EvalTransform:
+    """The evaluation transform of a model: its image size and the mean/std of its config (CLIP's by default)."""
+    vision = model.config.vision_cfg
+    return EvalTransform(model.image_size, vision.image_mean or CLIP_MEAN, vision.image_std or CLIP_STD)
 
 
 class TrainTransform:

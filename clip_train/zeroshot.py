@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from clip_train.model import CLIP
-from clip_train.transforms import EvalTransform
+from clip_train.transforms import eval_transform_for
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def image_features(
     model: CLIP, eval_set, device: str | torch.device = "cpu", batch_size: int = 256
 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Normalised image features (N, D) on CPU, labels (N,), ids — images centre-cropped to the model's size."""
-    transform = EvalTransform(model.image_size)
+    transform = eval_transform_for(model)
     feats, labels, ids, batch = [], [], [], []
 
     def flush() -> None:

@@ -35,6 +35,10 @@ querylist_app = typer.Typer(help="Build and inspect query lists (the metadata en
                             no_args_is_help=True)
 app.add_typer(querylist_app, name="querylist")
 
+from flows.cli_model import register as register_model_commands  # noqa: E402 - export, score
+
+register_model_commands(app)
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.core.errors import ClipError
@@ -422,7 +426,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the dem
             summary = build_dataset(demo_build_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed))
             print_build_summary(summary)
             return
-        from flows.train import end_to_end
+        from flows.e2e import end_to_end
 
         result = end_to_end(demo_e2e_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed,
                                             steps=steps, batch_size=batch_size))
@@ -436,7 +440,7 @@ def e2e(config: Path = typer.Option(..., "--config", help="End-to-end YAML (see 
     """Raw URLs -> dataset -> audit -> trained CLIP -> evaluation -> report, from one YAML file."""
     import dataclasses
 
-    from flows.train import EndToEndConfig, end_to_end
+    from flows.e2e import EndToEndConfig, end_to_end
 
     try:
         cfg = EndToEndConfig.from_yaml(config)
@@ -450,12 +454,18 @@ def e2e(config: Path = typer.Option(..., "--config", help="End-to-end YAML (see 
 
 
 def _build_cfg_of(cfg):
-    from flows.train import build_config_from
+    from flows.e2e import build_config_from
 
     try:
         return build_config_from(cfg)
     except TypeError as exc:
         _fail(f"build section: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a ClipError becomes one line; anything else is a bug
+        from pipelines.core.errors import ClipError
+
+        if not isinstance(exc, ClipError):
+            raise
+        _fail(f"build section: {str(exc).splitlines()[0]}")
 
 
 def print_eval_summary(evaluation: dict) -> None:

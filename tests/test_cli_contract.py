@@ -107,7 +107,7 @@ def test_flags_win_over_the_config_file_which_wins_over_defaults(tiny, tmp_path)
 
 def test_other_commands_user_errors_are_one_line(tmp_path):
     one_line_error(invoke("serve", "--config", str(tmp_path / "missing.yaml")), "missing.yaml")
-    (tmp_path / "e2e.yaml").write_text("build: {inputs: [x], querylist: q, out: o, crawl: {timout: 1}}\n")
+    (tmp_path / "e2e.yaml").write_text("out: o\nbuild: {inputs: [x], querylist: q, out: o, crawl: {timout: 1}}\n")
     one_line_error(invoke("e2e", "--config", str(tmp_path / "e2e.yaml")), "timout")
     one_line_error(invoke("audit", "--dataset", str(tmp_path / "nothing" / "*.tar"), "--eval-set", "nosuch:x",
                           "--out", str(tmp_path / "a")), "nosuch")

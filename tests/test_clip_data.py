@@ -4,6 +4,7 @@ skipping, and bad samples skipped with a reason."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from clip_train.data import StreamConfig, epoch_loader, iter_captions, resolve_shards
+from clip_train.errors import DataError
 from clip_train.shards import synthetic_shape_samples, write_shards
 from clip_train.tokenizer import CLIPTokenizer
 from clip_train.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform
@@ -31,7 +33,13 @@ def tokenizer(shard_dir):
 
 def _batches(urls, tokenizer, epoch=0, skip=0, workers=0, steps=4, seed=0, resample=True):
     cfg = StreamConfig(urls=urls, batch_size=8, image_size=32, steps_per_epoch=steps, seed=seed, resample=resample, shuffle_buffer=50, shuffle_initial=10)
-    return list(epoch_loader(cfg, tokenizer, epoch, rank=0, world=1, workers=workers, skip_batches=skip))
+    # Each batch is (images, tokens, stats); the tests compare images and tokens.
+    return [(b[0], b[1]) for b in epoch_loader(cfg, tokenizer, epoch, rank=0, world=1, workers=workers, skip_batches=skip)]
+
+
+def _stats(urls, tokenizer, steps=3, workers=0):
+    cfg = StreamConfig(urls=urls, batch_size=8, image_size=32, steps_per_epoch=steps, shuffle_buffer=50, shuffle_initial=10)
+    return [b[2] for b in epoch_loader(cfg, tokenizer, 0, rank=0, world=1, workers=workers)]
 
 
 def test_resolve_dir_brace_glob(shard_dir):
@@ -41,8 +49,12 @@ def test_resolve_dir_brace_glob(shard_dir):
     brace = resolve_shards(f"{shard_dir}/{{00000..00001}}.tar")
     assert brace.urls == by_dir.urls[:2] and brace.num_samples == 48
     assert resolve_shards(f"{shard_dir}/*.tar").urls == by_dir.urls
-    with pytest.raises(FileNotFoundError, match="6 of 10 shards.*00004.tar"):
+    with pytest.raises(DataError, match="6 of 10 shards.*00004.tar"):
         resolve_shards(f"{shard_dir}/{{00000..00009}}.tar")
+    with pytest.raises(DataError, match="matches no files"):
+        resolve_shards(f"{shard_dir}/*.tgz")
+    with pytest.raises(DataError, match="holds no"):
+        resolve_shards(str(shard_dir.parent))
 
 
 def test_batches_are_seeded_and_resume_skips_exactly(shard_dir, tokenizer):
@@ -71,7 +83,7 @@ def test_two_workers_and_shard_passes_without_resampling(shard_dir, tokenizer):
     two_passes = _batches(urls, tokenizer, steps=12, resample=False)
     decoded = [tokenizer.decode(t) for _, texts in two_passes for t in texts]
     assert len(decoded) == 96
-    with pytest.raises(ValueError, match="cannot be split"):
+    with pytest.raises(DataError, match="cannot be split"):
         _batches(urls[:1], tokenizer, workers=2, resample=False)
 
 
@@ -94,6 +106,14 @@ def test_bad_samples_are_skipped_with_reason(tmp_path, tokenizer, capsys):
     assert "unreadable image header" in err and "zbad" in err
     assert "undecodable image" in err and "ztrunc" in err
     assert "lacks an image or a .txt caption" in err and "znocap" in err
+    # The same counts travel with the batches (to metrics.jsonl), summed over the epoch by reason.
+    totals = {}
+    for stats in _stats([str(shard)], tokenizer, steps=3):
+        for reason, n in stats["skipped"].items():
+            totals[reason] = totals.get(reason, 0) + n
+    # (with resampling the shard may be read more than once, so each bad sample counts once per read)
+    assert set(totals) == {"unreadable image header", "undecodable image", "sample lacks an image or a .txt caption"}
+    assert all(n >= 1 for n in totals.values())
     # Samples rejected by the header/caption checks do not break exact resumption.
     bad_header_only = tmp_path / "header_only"
     write_shards(good, bad_header_only, samples_per_shard=20)
@@ -137,9 +157,6 @@ def s3_endpoint(monkeypatch):
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(key, value)
-    import clip_train.data as data_module
-
-    monkeypatch.setattr(data_module, "_S3_CLIENT", None)
     yield f"http://{host}:{port}"
     server.stop()
 
@@ -159,3 +176,28 @@ def test_s3_shards_stream_like_local(shard_dir, tokenizer, s3_endpoint):
     remote = _batches(brace.urls, tokenizer)
     for (a, b), (c, d) in zip(local, remote):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_run_directory_on_s3(shard_dir, s3_endpoint):
+    """The trainer writes its run directory through pipelines.core.storage: an s3:// --out works like a local one,
+    and the run loads back from S3 for evaluation (and resumes from there)."""
+    import boto3
+
+    from clip_train import train
+    from clip_train.interop import load_any
+
+    boto3.client("s3").create_bucket(Bucket="runs")
+    threads = torch.get_num_threads()
+    argv = ["--data", str(shard_dir), "--model", "tiny", "--out", "s3://runs/r1", "--batch-size", "8", "--steps", "3",
+            "--workers", "0", "--threads", "1", "--device", "cpu", "--vocab-size", "600", "--save-every", "2"]
+    try:
+        assert train.main([*argv, "--stop-at", "2"]) == 0
+        assert train.main([*argv, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="runs")["Contents"]}
+    assert {"r1/checkpoint.pt", "r1/config.json", "r1/tokenizer.json", "r1/metrics.jsonl"} <= keys
+    body = boto3.client("s3").get_object(Bucket="runs", Key="r1/metrics.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["step"] for line in body.splitlines()] == [1, 2, 3]
+    loaded = load_any("s3://runs/r1")
+    assert loaded.format == "clipline-run" and loaded.info["step"] == 3

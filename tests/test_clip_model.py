@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from clip_train.model import CLIP, LOGIT_SCALE_INIT, CLIPConfig, build_model, list_models, load_config
+from clip_train.model import CLIP, CLIPConfig, build_model, list_models, load_config
 from clip_train.optim import build_optimizer, build_scheduler, cosine_lr_factor, param_groups
 
 

@@ -12,8 +12,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from clip_train import evaluate, train
+from clip_train.errors import TrainError
 from clip_train.linear_probe import DEFAULT_CS
-from clip_train.shards import COLOURS, SHAPES, jpeg_bytes, shape_image, synthetic_shape_samples, write_shards
+from clip_train.shards import SHAPES, jpeg_bytes, shape_image, synthetic_shape_samples, write_shards
 from clip_train.transforms import EvalTransform
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,8 @@ def test_run_directory_contract(run):
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     for m in metrics:
-        assert {"step", "loss", "lr", "samples_per_s", "logit_scale", "data_wait_s"} <= m.keys()
+        assert {"step", "loss", "lr", "samples_per_s", "logit_scale", "data_wait_s", "skipped"} <= m.keys()
+        assert m["skipped"] == {}  # clean synthetic shards: the loader skipped nothing
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "tiny" and config["total_steps"] == STEPS and config["samples_per_epoch"] == 384
     assert config["model_config"]["text_cfg"]["vocab_size"] < 49408  # trained on the captions
@@ -81,7 +83,7 @@ def test_resume_continues_schedule_and_batches(workdir, run):
     out = workdir / "interrupted"
     assert train.main(_train_args(workdir / "shards", out, "--stop-at", "20")) == 0
     assert [m["step"] for m in _metrics(out)] == list(range(1, 21))
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(TrainError, match="--resume"):
         train.main(_train_args(workdir / "shards", out))
     assert train.main(_train_args(workdir / "shards", out, "--resume")) == 0
     resumed, full = _metrics(out), _metrics(run)
@@ -202,3 +204,24 @@ def test_zeroshot_and_linear_probe_match_hand_computation(run, synth_eval_dir, w
     for direction in ("image_to_text", "text_to_image"):
         assert 0 <= retrieval[f"{direction}_R@1"] <= retrieval[f"{direction}_R@5"] <= retrieval[f"{direction}_R@10"] <= 1
     assert retrieval["text_to_image_R@10"] > 10 / 60  # above chance
+
+
+def test_skipped_samples_are_logged_to_metrics(tmp_path):
+    """Decode errors in the loader reach metrics.jsonl (cumulative counts by reason), not only stderr."""
+    import io
+    import tarfile
+
+    write_shards(synthetic_shape_samples(30, seed=4), tmp_path / "shards", samples_per_shard=30)
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "a") as tar:
+        for name, data in (("zbad.jpg", b"not a jpeg"), ("zbad.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "run"
+    argv = ["--data", str(tmp_path / "shards"), "--model", "tiny", "--out", str(out), "--batch-size", "16",
+            "--steps", "4", "--workers", "0", "--threads", "1", "--device", "cpu", "--samples-per-epoch", "64",
+            "--vocab-size", "600"]
+    assert train.main(argv) == 0
+    metrics = _metrics(out)
+    counts = [m["skipped"].get("unreadable image header", 0) for m in metrics]
+    assert counts == sorted(counts) and counts[-1] >= 1  # cumulative, and the corrupt member was met

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_end_to_end_tiny(synth_build, synth_web_small, tmp_path):
     import dataclasses
 
-    from flows.train import end_to_end
+    from flows.e2e import end_to_end
     from tests.conftest import synth_build_config
 
     build_dir, _ = synth_build  # same parameters: the flow finds every stage finished and reuses it

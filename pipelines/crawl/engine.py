@@ -176,6 +176,24 @@ class _ProgressPoller(threading.Thread):
             self.hook(self.snapshot())
 
 
+def _activate_spark_session() -> None:
+    """img2dataset's pyspark distributor uses ``SparkSession.getActiveSession()``, which is per thread: a crawl
+    run from another thread than the one that built the session (a Prefect task, a thread pool) would not see it,
+    and img2dataset would build a ``local[N]`` session on the same context and *stop* it at the end. When a
+    SparkContext exists, make its session active in this thread; when none does, img2dataset builds its own."""
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    if SparkContext._active_spark_context is None or SparkSession.getActiveSession() is not None:
+        return
+    session = SparkSession.builder.getOrCreate()  # the existing (default) session; does not make it active
+    # What pyspark itself does to make a session active (SparkSession.__init__ / createDataFrame).
+    SparkSession._activeSession = session
+    jcls = (SparkSession._get_j_spark_session_class(session._jvm)
+            if hasattr(SparkSession, "_get_j_spark_session_class") else session._jvm.SparkSession)
+    jcls.setActiveSession(session._jsparkSession)
+
+
 def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir: str, done_shards: set[int],
               additional_columns: list[str], staging: str, log_file: str,
               progress: ProgressHook | None = None, total: int = 0, before: dict | None = None) -> None:
@@ -215,6 +233,8 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
             settings=worker_settings(config, publish_dir, progress_dir, log_file))
         distribute = {"multiprocessing": multiprocessing_distributor,
                       "pyspark": pyspark_distributor}[config.distributor]
+        if config.distributor == "pyspark":
+            _activate_spark_session()
         if progress is not None:
             poller = _ProgressPoller(progress, round_no, total, progress_dir,
                                      before or {"done": 0, "successes": 0, "reasons": {}})
