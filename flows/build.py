@@ -57,7 +57,7 @@ def plan_stages(cfg: BuildConfig, *, progress=None) -> list[Stage]:
 
     p, j = cfg.paths(), storage.join
     beam = cfg.beam_runner_args
-    return [
+    stages = [
         CurateStage(cfg.curate, {"raw": list(cfg.inputs), "querylist": cfg.querylist}, p["curate"],
                     rejected=p["rejected"], beam_args=beam, url_col=cfg.url_col, caption_col=cfg.caption_col,
                     columns=list(cfg.columns) if cfg.columns else None),
@@ -72,6 +72,11 @@ def plan_stages(cfg: BuildConfig, *, progress=None) -> list[Stage]:
         ShardStage(cfg.shard, {"pool": p["pool"], "kept": j(p["balance"], "kept.parquet")}, p["shards"],
                    beam_args=beam),
     ]
+    if cfg.dataset is not None:  # a dataset version (flows/versions.py): crawl store + takedowns
+        from pipelines.dataset.hooks import apply_hooks
+
+        stages = apply_hooks(stages, cfg.dataset)
+    return stages
 
 
 @task(name="stage", cache_policy=NO_CACHE, persist_result=False)

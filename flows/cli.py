@@ -258,6 +258,12 @@ def build(
                                                      "line win over it."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the effective config (defaults < "
                                                                     "--config < flags) as YAML and stop."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset root: build a new version "
+                                                                 "ROOT/versions/NNNN doing only new work (no --out)."),
+    rebuild_latest: bool = typer.Option(False, "--rebuild-latest", help="With --dataset: a new version of the "
+                                                                        "latest data without the recorded takedowns."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="With --dataset: the build's clock for crawl "
+                                                              "retries (ISO 8601, UTC; default now)."),
     verbose: bool = typer.Option(False, "--verbose", help="Also stream img2dataset's and the crawl workers' log."),
 ):
     """Build a dataset: curate -> crawl -> image checks -> decontaminate -> rebalance -> shard (a Prefect flow)."""
@@ -301,6 +307,14 @@ def build(
     put("crawl.timeout", timeout, "timeout")
     put("runner", runner, "runner")
     put("beam_args", list(beam_arg), "beam_arg")
+    if dataset is not None:  # a dataset version (flows/versions.py)
+        from flows.cli_versions import build_dataset_version
+
+        build_dataset_version(dataset, config, flags, rebuild_latest=rebuild_latest, as_of=as_of,
+                              print_config=print_config)
+        return
+    if rebuild_latest or as_of is not None:
+        _fail("--rebuild-latest and --as-of need --dataset ROOT")
     cfg = _run_user(load_build_config, config, flags)
     if print_config:
         import yaml
@@ -508,6 +522,11 @@ def serve(config: Path = typer.Option(Path("infra/prefect/local.yaml"), help="De
             _run_user(serve_deployments, config, limit=limit, server=server)
     else:
         _run_user(serve_deployments, config, limit=limit, server=server)
+
+
+from flows.cli_versions import register as _register_versions  # noqa: E402 - versions, takedown, diff
+
+_register_versions(app)
 
 
 def main() -> None:  # console entry

@@ -22,6 +22,7 @@ from pipelines.crawl.config import CrawlConfig
 from pipelines.curate.steps import CurateParams
 from pipelines.decontam.build import DecontamConfig
 from pipelines.images.stage import ImagesConfig
+from pipelines.dataset.hooks import DatasetHooks
 from pipelines.shard.writer import ShardConfig
 
 STAGE_DIRS = ("curate", "crawl", "pool", "decontam", "balance")
@@ -46,6 +47,7 @@ class BuildConfig(Config):
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)  # t unset: the curation t
     shard: ShardConfig = field(default_factory=ShardConfig)
+    dataset: DatasetHooks | None = None  # set by flows.versions.build_version: crawl store, takedowns, as_of
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs))

@@ -111,7 +111,8 @@ def build_from_config(config: dict) -> dict:
 # flow name (the entrypoint's function name) -> "module:attribute"; imported only when a deployment needs it
 FLOWS = {"build_dataset": "flows.build:build_dataset", "build_from_config": "flows.deploy:build_from_config",
          "audit_contamination": "flows.audit:audit_contamination", "end_to_end": "flows.e2e:end_to_end",
-         "train_model": "flows.train:train_model", "evaluate_model": "flows.train:evaluate_model"}
+         "train_model": "flows.train:train_model", "evaluate_model": "flows.train:evaluate_model",
+         "build_version": "flows.versions:build_version"}
 
 
 def load_flow(name: str):

@@ -97,5 +97,6 @@ def synth_build(prefect_server, synth_web_small, tmp_path_factory):
     from flows.build import build_dataset
 
     out = tmp_path_factory.mktemp("build")
+    synth_web_small["server"].reset_flaky()  # every build under test meets the web as a fresh crawler would
     summary = build_dataset(synth_build_config(synth_web_small, out))
     return out, summary

@@ -122,6 +122,7 @@ def test_kill_and_rerun_gives_identical_output(built, synth_web_small, tmp_path,
            "--eval-set", f"synth:{synth_web_small['root']}",
            "--config", str(_yaml(tmp_path))]
     server = synth_web_small["server"]
+    server.reset_flaky()  # the same web the reference build met
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     finished: list = []
@@ -144,6 +145,7 @@ def test_kill_and_rerun_gives_identical_output(built, synth_web_small, tmp_path,
                       if st == "success"}
     assert done_urls
     hits_at_kill = dict(server.hits)
+    server.reset_flaky()
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     from urllib.parse import urlsplit
@@ -172,7 +174,10 @@ def test_build_to_s3(built, synth_web_small, s3_bucket, tmp_path, prefect_server
 
     out_ref, _ = built
     dest = f"{s3_bucket}/datasets/synth"
-    summary = build_dataset(make_cfg(synth_web_small, dest, work=str(tmp_path / "work")))
+    synth_web_small["server"].reset_flaky()
+    summary = build_dataset(make_cfg(synth_web_small, dest))  # no --work: intermediates live under the prefix
+    assert storage.exists(f"{dest}/curate/_STAGE.json") and storage.exists(f"{dest}/pool/_STAGE.json")
+    assert not Path(".clipline-work").exists()
     names = sorted(shard_bytes(out_ref / "shards"))
     for name in names:
         assert storage.read_bytes(f"{dest}/shards/{name}") == (out_ref / "shards" / name).read_bytes()

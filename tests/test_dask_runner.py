@@ -123,6 +123,7 @@ def test_whole_build_on_dask_with_s3_matches_the_direct_build(synth_build, synth
 
     ref_dir, ref_summary = synth_build
     out = f"{s3_bucket}/dask-build"
+    synth_web_small["server"].reset_flaky()
     summary = build_dataset(synth_build_config(synth_web_small, out, runner="dask",
                                                beam_args=dask_args(dask_cluster)))
     assert summary["funnel"] == ref_summary["funnel"]

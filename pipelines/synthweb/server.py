@@ -229,6 +229,10 @@ class SynthWebServer:
         with self._lock:
             return Counter(self._private_hits)
 
+    def reset_flaky(self) -> None:
+        """Flaky routes fail again as on a fresh web (each crawl under test meets the same web)."""
+        self._flaky.clear()
+
     def reset_hits(self) -> None:
         with self._lock:
             self._hits.clear()
