@@ -82,6 +82,19 @@ class _MatchChunk(beam.DoFn):
         yield {"matches": table.to_pylist(), "unreadable": len(errors)}
 
 
+def _descriptor_fingerprint(detector: dict) -> str | None:
+    """The learned copy descriptor's weights fingerprint (new weights must redo decontamination), when present."""
+    try:
+        from pipelines.decontam.descriptor import weights_fingerprint_of
+    except ImportError:
+        return None
+    uri = (detector or {}).get("descriptor_weights") or (detector or {}).get("descriptor")
+    try:
+        return weights_fingerprint_of(uri if isinstance(uri, str) else None)
+    except Exception:  # noqa: BLE001 - no weights shipped/configured: the detector runs without a descriptor
+        return None
+
+
 def _ok_rows(uri: str) -> list[dict]:
     from pipelines.images.stage import read_rows
 
@@ -115,7 +128,8 @@ class DecontamStage(Stage):
         return pool_files(self.inputs["pool"])
 
     def extra_fingerprint(self):
-        return [eval_set_fingerprint(s) for s in self.config.eval_sets]
+        return {"eval_sets": [eval_set_fingerprint(s) for s in self.config.eval_sets],
+                "descriptor": _descriptor_fingerprint(self.config.detector)}
 
     def compute(self, fingerprint: str) -> StageResult:
         from pipelines.decontam.transform import matches_table
