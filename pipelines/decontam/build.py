@@ -66,9 +66,16 @@ class _MatchChunk(beam.DoFn):
         self.index = None
 
     def setup(self):
+        import tempfile
+
         from pipelines.decontam.detector import EvalIndex
 
-        self.index = EvalIndex.load(self.index_uri)
+        # each worker copies the index to its local disk once (it may live on S3) and loads it from there
+        self._tmp = tempfile.mkdtemp(prefix="clipline-index-")
+        local = os.path.join(self._tmp, "index.npz")
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(self.index_uri))
+        self.index = EvalIndex.load(local)
 
     def process(self, chunk):
         from pipelines.decontam.detector import DetectorConfig
@@ -148,7 +155,11 @@ class DecontamStage(Stage):
         if cfg.eval_sets and n_ok:
             from pipelines.decontam.transform import build_index
 
-            build_index(list(cfg.eval_sets), index_uri)
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="clipline-index-") as tmp:  # built locally, published whole
+                build_index(list(cfg.eval_sets), os.path.join(tmp, "index.npz"))
+                storage.write_file_atomic(index_uri, os.path.join(tmp, "index.npz"))
             summary_uri = storage.join(out_dir, "_chunks.json")
             with beam.Pipeline(options=pipeline_options(self.beam_args)) as p:
                 _ = (p
