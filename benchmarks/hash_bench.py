@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines import storage  # noqa: E402
+from pipelines.core import storage  # noqa: E402
 from pipelines.decontam.hashing import dhash64_batch, phash64_batch  # noqa: E402
 from pipelines.images import fast_hash  # noqa: E402
 from pipelines.images.checks import inspect_image  # noqa: E402

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.core import storage
+from pipelines.core.stage import MARKER
 from pipelines.images.stage import pool_files, read_rows
 from pipelines.shard.writer import ShardError, order_key, write_manifest, write_shards
 from schemas.manifest import ManifestError
@@ -25,7 +26,7 @@ SEED = 5
 @pytest.fixture(scope="module")
 def kept(pool_build):
     build, stats, _rows = pool_build
-    return sorted(r["uid"] for r in read_rows(stats["files"]) if r["status"] == "ok")
+    return sorted(r["uid"] for r in read_rows(stats.outputs["pool"]) if r["status"] == "ok")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,10 @@ def local_shards(pool_build, kept, tmp_path_factory):
 
 
 def _files(dest):
-    return {storage.basename(u): storage.read_bytes(u) for u in storage.list_prefix(dest) if "/_done/" not in u}
+    # markers (the stage's and the per-shard ones in _done/) name where the files are, which differs between
+    # destinations; every data file must match
+    return {storage.basename(u): storage.read_bytes(u) for u in storage.list_prefix(dest)
+            if "/_done/" not in u and storage.basename(u) != MARKER}
 
 
 def test_layout_order_and_sizes(local_shards, kept, pool_build):
@@ -136,7 +140,7 @@ def test_s3_destination_through_faulty_endpoint_gives_same_bytes(local_shards, p
 
 def _cat_cmd(uri: str) -> str:
     # webdataset opens s3 shards through a pipe; our storage layer is the reader
-    return (f"{sys.executable} -c \"import sys; from pipelines import storage; "
+    return (f"{sys.executable} -c \"import sys; from pipelines.core import storage; "
             f"sys.stdout.buffer.write(storage.read_bytes('{uri}'))\"")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipelines.core.errors import ClipError
 from pipelines.evalsets import EvalSetSpecError, load_eval_set
 from pipelines.evalsets.loaders import IMAGE_EXTS, WDS_IMAGE_EXTS, iter_tar_samples
 
@@ -22,7 +23,7 @@ IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "b
 KEY_COLUMNS = ("key", "uid", "id", "__key__")
 
 
-class DatasetError(ValueError):
+class DatasetError(ClipError, ValueError):
     """A dataset reference that cannot be read at all."""
 
 

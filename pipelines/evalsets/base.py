@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from pipelines.core.errors import ClipError
+
 VALID_SPECS = (
     'digits | cifar10:PATH[:test|:train] | cifar100:PATH[:test|:train] | folder:PATH | wds:GLOB | synth:PATH'
 )
 
 
-class EvalSetSpecError(ValueError):
+class EvalSetSpecError(ClipError, ValueError):
     """An evaluation-set spec that names no known loader, or whose data cannot be read."""
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -119,6 +119,20 @@ class RequestRecord:
     start: float  # time.monotonic() when the request line was read
     end: float = 0.0
     status: int | None = None
+    sock: object = field(default=None, repr=False, compare=False)  # the server side of the connection, while open
+
+
+def _client_hung_up(sock) -> bool:
+    """True when the client has closed its side of ``sock`` (FIN or RST waiting in the kernel): read without
+    blocking, so it is the connection's state now, not when a handler thread next gets to run."""
+    import socket
+
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing to read: the client still holds the connection
+    except OSError:
+        return True  # reset
 
 
 class _HostServer(ThreadingHTTPServer):
@@ -170,7 +184,7 @@ class _HostileHandler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: C901 - one branch per behaviour
         web, host = self.web, self.host_addr
         spec = web.specs[host]
-        rec = web._begin(host, self.path, self.server.accepted.pop(self.client_address, None))
+        rec = web._begin(host, self.path, self.server.accepted.pop(self.client_address, None), self.connection)
         try:
             if spec.latency and not self._wait(spec.latency):
                 return
@@ -270,6 +284,7 @@ class HostileWeb:
         self._stop = threading.Event()
         self._records: list[RequestRecord] = []
         self._active: dict[str, int] = defaultdict(int)
+        self._open: dict[str, list[RequestRecord]] = defaultdict(list)
         self._max_active: dict[str, int] = defaultdict(int)
         self._image_requests: dict[str, int] = defaultdict(int)
         self._images: dict[tuple[str, bool], bytes] = {}
@@ -277,20 +292,31 @@ class HostileWeb:
         self._threads: list[threading.Thread] = []
 
     # -- bookkeeping shared with handler threads
-    def _begin(self, host: str, path: str, accepted: float | None = None) -> RequestRecord:
-        rec = RequestRecord(host, path, accepted or time.monotonic())
+    def _begin(self, host: str, path: str, accepted: float | None = None, sock=None) -> RequestRecord:
+        rec = RequestRecord(host, path, accepted or time.monotonic(), sock=sock)
         with self._lock:
+            # A request whose client has hung up has ended even if its handler thread has not run since (a busy
+            # machine can delay it past the client's next connection): end those first, so the concurrency count
+            # is the connections the client holds.
+            for other in [r for r in self._open[host] if r.sock is not None and _client_hung_up(r.sock)]:
+                self._end_locked(other)
             self._records.append(rec)
+            self._open[host].append(rec)
             self._active[host] += 1
             self._max_active[host] = max(self._max_active[host], self._active[host])
         return rec
 
+    def _end_locked(self, rec: RequestRecord) -> None:
+        if rec.end:
+            return
+        rec.end = time.monotonic()
+        rec.sock = None
+        self._active[rec.host] -= 1
+        self._open[rec.host].remove(rec)
+
     def _end(self, rec: RequestRecord) -> None:
         with self._lock:
-            if rec.end:
-                return
-            rec.end = time.monotonic()
-            self._active[rec.host] -= 1
+            self._end_locked(rec)
 
     def _count_image_request(self, host: str) -> int:
         with self._lock:
