@@ -20,6 +20,10 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 UNDETERMINED = "und"
 LEXICON_METHOD_SCORE = 1.0
@@ -37,13 +41,21 @@ class LangIdBackend(abc.ABC):
         """(ISO 639-1 code, probability) per text, in order."""
 
 
+_PY3LANGID = None
+_PY3LANGID_LOCK = threading.Lock()
+
+
 class Py3LangidBackend(LangIdBackend):
     name = "py3langid"
 
     def __init__(self):
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+        global _PY3LANGID
+        with _PY3LANGID_LOCK:
+            if _PY3LANGID is None:  # the model is loaded once per process (its classify keeps no state)
+                from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-        self._ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+                _PY3LANGID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        self._ident = _PY3LANGID
 
     def detect(self, texts):
         classify = self._ident.classify
@@ -106,6 +118,9 @@ def make_backend(name: str, seed: int = 0) -> LangIdBackend:
     return BACKENDS[name](seed=seed) if name == "langdetect" else BACKENDS[name]()
 
 
+_LEXICONS: dict = {}
+
+
 class EnglishLexicon:
     """Common English words and the English-specific subset, from wordfreq's bundled frequency lists."""
 
@@ -141,12 +156,16 @@ class EnglishLexicon:
 
         cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipline"
         path = cache_dir / f"en_lexicon_v{cls.VERSION}_wf{version('wordfreq')}_{min_zipf}_{margin}.json"
+        key = str(path)
+        if key in _LEXICONS:  # once per process as well: a lexicon never changes once built
+            return _LEXICONS[key]
         try:
             data = json.loads(path.read_text())
-            return cls(frozenset(data["known"]), frozenset(data["specific"]))
+            lex = _LEXICONS[key] = cls(frozenset(data["known"]), frozenset(data["specific"]))
+            return lex
         except (OSError, ValueError, KeyError):
             pass
-        lex = cls.build(min_zipf, margin)
+        lex = _LEXICONS[key] = cls.build(min_zipf, margin)
         try:
             from pipelines.core import storage
 
@@ -169,6 +188,66 @@ class EnglishLexicon:
                 n_specific += 1
         return n_specific >= 2 and 3 * n_specific >= len(words)
 
+    def _packed_counts(self, tokens: list) -> "np.ndarray":
+        """Per token: words + unknown words << 20 + English-specific words << 40 (as is_english counts them), or
+        -1 for a token of more than 2**20 words."""
+        import numpy as np
+
+        cache = self.__dict__.setdefault("_token_cache", {})
+        if len(cache) > 2_000_000:
+            cache.clear()
+        get = cache.get
+        vals = [get(t) for t in tokens]
+        known, specific, findall = self.known, self.specific, _WORD.findall
+        for i, v in enumerate(vals):
+            if v is None:
+                t = tokens[i]
+                words = findall(t.lower())
+                if len(words) >= 1 << 20:
+                    v = -1  # does not pack: the texts holding this token take the per-text path
+                else:
+                    v = len(words) + (sum(1 for w in words if w not in known) << 20) + \
+                        (sum(1 for w in words if w in specific) << 40)
+                cache[t] = vals[i] = v
+        return np.asarray(vals, np.int64) if vals else np.zeros(0, np.int64)
+
+    def is_english_arrow(self, texts) -> "np.ndarray":
+        """``[self.is_english(t) for t in texts]`` over a pyarrow string array without nulls, as a bool array.
+
+        A word never spans a space, so the words of an ASCII text are the words of its space-separated tokens in
+        order (and lower-casing ASCII is per character): Arrow splits the batch on " ", each distinct token is
+        counted once (words, unknown words, English-specific words; cached across batches) and the counts are
+        summed per text. Non-ASCII texts (where lower-casing can depend on context) use is_english.
+        """
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if isinstance(texts, pa.ChunkedArray):
+            texts = texts.combine_chunks()
+        n = len(texts)
+        out = np.zeros(n, bool)
+        if n == 0:
+            return out
+        ascii_ = np.asarray(pc.fill_null(pc.string_is_ascii(texts), False).to_numpy(zero_copy_only=False), bool)
+        lists = pc.split_pattern(texts, " ")
+        flat = pc.list_flatten(lists)
+        parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+        enc = pc.dictionary_encode(flat)
+        packed = self._packed_counts(enc.dictionary.to_pylist())[enc.indices.to_numpy(zero_copy_only=False)]
+        n_words = np.bincount(parent, weights=packed & 0xFFFFF, minlength=n)
+        n_unknown = np.bincount(parent, weights=(packed >> 20) & 0xFFFFF, minlength=n)
+        n_specific = np.bincount(parent, weights=packed >> 40, minlength=n)
+        out = (n_words > 0) & (n_unknown == 0) & (n_specific >= 2) & (3 * n_specific >= n_words)
+        unpacked = packed < 0
+        if unpacked.any():
+            ascii_[parent[unpacked]] = False
+        other = np.nonzero(~ascii_)[0]
+        if len(other):
+            for i, text in zip(other.tolist(), texts.take(pa.array(other)).to_pylist()):
+                out[i] = self.is_english(text)
+        return out
+
 
 class LanguageIdentifier:
     """Lexicon shortcut first (when enabled), the backend for the rest. ``detect`` returns (lang, score, method)."""
@@ -190,3 +269,24 @@ class LanguageIdentifier:
         for i, (lang, score) in zip(todo_idx, self.backend.detect(todo)):
             out[i] = (lang, score, self.backend.name)
         return out
+
+    def detect_arrow(self, texts) -> tuple[list[str], list[float], list[str]]:
+        """``detect`` over a pyarrow string array without nulls, as three lists (languages, scores, methods):
+        the lexicon shortcut is vectorised (:meth:`EnglishLexicon.is_english_arrow`), the backend sees exactly the
+        texts ``detect`` would give it, in the same order."""
+        import numpy as np
+        import pyarrow as pa
+
+        n = len(texts)
+        if self.lexicon is not None:
+            english = self.lexicon.is_english_arrow(texts)
+        else:
+            english = np.zeros(n, bool)
+        langs, scores, methods = ["en"] * n, [LEXICON_METHOD_SCORE] * n, ["lexicon"] * n
+        todo = np.nonzero(~english)[0]
+        if len(todo):
+            name = self.backend.name
+            found = self.backend.detect(texts.take(pa.array(todo)).to_pylist())
+            for i, (lang, score) in zip(todo.tolist(), found):
+                langs[i], scores[i], methods[i] = lang, score, name
+        return langs, scores, methods

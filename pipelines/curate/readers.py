@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,17 +42,65 @@ class InputFile:
     size: int = 0
 
 
-@dataclass
 class RawBatch:
-    """A slice of one input file. ``rows[i]`` is the 1-based data row (or line) of record i in the file."""
+    """A slice of one input file. ``rows[i]`` is the 1-based data row (or line) of record i in the file.
 
-    file_index: int
-    uri: str
-    start: int  # 0-based index of the first record of this batch among the file's records
-    urls: list = field(default_factory=list)
-    captions: list = field(default_factory=list)
-    rows: list = field(default_factory=list)
-    bad: dict = field(default_factory=dict)  # record index in batch -> reason
+    ``urls`` and ``captions`` are lists; a reader that has the columns as Arrow string arrays already (Parquet)
+    passes ``arrays=(urls, captions)`` instead, and the lists are only built if someone asks for them (the
+    curation filters work on the arrays)."""
+
+    def __init__(self, file_index: int, uri: str, start: int, urls: list | None = None, captions: list | None = None,
+                 rows=None, bad: dict | None = None, arrays: tuple | None = None):
+        self.file_index = file_index
+        self.uri = uri
+        self.start = start  # 0-based index of the first record of this batch among the file's records
+        self.arrays = arrays
+        self._urls = urls if urls is not None or arrays is not None else []
+        self._captions = captions if captions is not None or arrays is not None else []
+        self.rows = rows if rows is not None else []
+        self.bad = bad if bad is not None else {}  # record index in batch -> reason
+
+    def _materialize(self) -> None:
+        if self.arrays is not None:
+            if self._urls is None:
+                self._urls = self.arrays[0].to_pylist()
+            if self._captions is None:
+                self._captions = self.arrays[1].to_pylist()
+
+    @property
+    def urls(self) -> list:
+        if self._urls is None:
+            self._urls = self.arrays[0].to_pylist()
+        return self._urls
+
+    @urls.setter
+    def urls(self, value: list) -> None:
+        self._materialize()
+        self._urls, self.arrays = value, None  # the lists are the truth from now on
+
+    @property
+    def captions(self) -> list:
+        if self._captions is None:
+            self._captions = self.arrays[1].to_pylist()
+        return self._captions
+
+    @captions.setter
+    def captions(self, value: list) -> None:
+        self._materialize()
+        self._captions, self.arrays = value, None
+
+    def string_arrays(self) -> tuple | None:
+        """(urls, captions) as Arrow string arrays when the reader gave them and no list was built from them
+        since (a built list may have been changed)."""
+        if self.arrays is not None and self._urls is None and self._captions is None:
+            return self.arrays
+        return None
+
+    def __len__(self) -> int:
+        return len(self.arrays[0]) if self.arrays is not None else len(self._urls)
+
+    def __repr__(self) -> str:
+        return f"RawBatch({self.uri!r}, file_index={self.file_index}, start={self.start}, rows={len(self)})"
 
 
 _BY_NAME = ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".txt", "tsv"),
@@ -319,12 +367,19 @@ def _read_parquet(inp: InputFile, batch_rows: int) -> Iterator[RawBatch]:
         start = 0
         for rb in pf.iter_batches(batch_size=batch_rows, columns=[inp.url_col, inp.caption_col]):
             n = rb.num_rows
-            batch = RawBatch(inp.index, inp.uri, start,
-                             urls=[_as_str(v) for v in rb.column(0).to_pylist()],
-                             captions=[_as_str(v) for v in rb.column(1).to_pylist()],
-                             rows=list(range(start + 1, start + n + 1)))
+            cols = [rb.column(0), rb.column(1)]
+            rows = range(start + 1, start + n + 1)
+            if all(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in cols):
+                # Arrow strings are valid UTF-8 already: nothing for _finish to find; no Python lists needed.
+                batch = RawBatch(inp.index, inp.uri, start, rows=rows,
+                                 arrays=tuple(c.cast(pa.string()) if pa.types.is_large_string(c.type) else c
+                                              for c in cols))
+            else:
+                batch = _finish(RawBatch(inp.index, inp.uri, start,
+                                         urls=[_as_str(v) for v in cols[0].to_pylist()],
+                                         captions=[_as_str(v) for v in cols[1].to_pylist()], rows=list(rows)))
             start += n
-            yield _finish(batch)
+            yield batch
 
 
 def _read_delimited(inp: InputFile, batch_rows: int) -> Iterator[RawBatch]:

@@ -136,9 +136,13 @@ class _SpillFn(beam.DoFn):
         self.tmp, self.dedup = tmp, dedup
 
     def process(self, batch):
-        if self.dedup != "none":
-            for item in S.dedup_keys(batch, N_DEDUP_BUCKETS):
-                yield beam.pvalue.TaggedOutput("dedup_keys", item)
+        if self.dedup == "none":
+            # No dedup, so no barrier before language ID: the batch goes on as it is (no spill file written and
+            # read back); IdentifyLanguage takes a PairBatch as well as a BatchRef.
+            yield batch
+            return
+        for item in S.dedup_keys(batch, N_DEDUP_BUCKETS):
+            yield beam.pvalue.TaggedOutput("dedup_keys", item)
         yield _spill(batch, self.tmp, "matched")
 
 
@@ -194,7 +198,8 @@ class _LanguageFn(beam.DoFn):
 
     def process(self, ref_losers):
         ref, losers = ref_losers
-        batch = S.apply_dedup(_unspill(ref, self.tmp, "matched"), losers)
+        batch = ref if isinstance(ref, S.PairBatch) else _unspill(ref, self.tmp, "matched")  # PairBatch: dedup none
+        batch = S.apply_dedup(batch, losers)
         batch = S.language_batch(batch, self.identifier, self.params)
         yield beam.pvalue.TaggedOutput("counts", S.partial_counts(batch))
         if self.params.target_size is not None:

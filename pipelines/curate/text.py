@@ -19,6 +19,19 @@ def normalize(text: str) -> str:
     return f" {text.translate(_TABLE)} "
 
 
+def normalize_core_arrow(texts):
+    """``normalize`` of every string of a pyarrow string array, without the two padding spaces (nulls stay
+    null): the same replacements, each one a vectorised pass (no replacement produces a character that a later
+    one acts on, so the order of the passes does not matter, exactly as for MetaCLIP's chain of str.replace)."""
+    import pyarrow.compute as pc
+
+    for p in PUNCTS_TO_WRAP:
+        texts = pc.replace_substring(texts, p, f" {p} ")
+    for c in CHARS_TO_SPACE:
+        texts = pc.replace_substring(texts, c, " ")
+    return texts
+
+
 def spaced_entry(entry: str) -> str:
     """The needle searched for an entry: the entry with one space on each side (the entry itself is not
     normalised, exactly as in MetaCLIP, so an entry containing punctuation can never match)."""
