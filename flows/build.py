@@ -1,6 +1,6 @@
 """Prefect flow ``build_dataset``: a short sequence of stages with one contract, then the manifest.
 
-    curate -> crawl -> images -> decontam -> balance -> shard -> manifest.json
+    curate -> crawl -> images -> decontam -> [clip_score] -> balance -> shard -> manifest.json
 
 Each stage is a :class:`pipelines.core.stage.Stage` (typed config, input URIs, output URI, :class:`StageResult`).
 The flow only wires their URIs together and runs them in order as Prefect tasks; resume comes from the stages'
@@ -67,8 +67,17 @@ def plan_stages(cfg: BuildConfig, *, progress=None) -> list[Stage]:
                     beam_args=beam),
         DecontamStage(cfg.decontam, {"pool": p["pool"]}, p["decontam"], rejected=j(p["rejected"], "decontam.parquet"),
                       beam_args=beam),
-        BalanceStage(cfg.balance_config, {"pool": p["pool"], "exclude": [j(p["decontam"], "drop.parquet")]},
-                     p["balance"], rejected=j(p["rejected"], "balance.parquet"), beam_args=beam),
+    ]
+    drops = [j(p["decontam"], "drop.parquet")]  # what the stages after the pool leave out, in order
+    if cfg.clip_filter is not None:
+        from pipelines.clipscore.stage import ClipScoreStage
+
+        stages.append(ClipScoreStage(cfg.clip_filter, {"pool": p["pool"], "exclude": list(drops)}, p["clip_score"],
+                                     rejected=j(p["rejected"], "clip_score.parquet"), beam_args=beam))
+        drops.append(j(p["clip_score"], "drop.parquet"))
+    stages += [
+        BalanceStage(cfg.balance_config, {"pool": p["pool"], "exclude": drops}, p["balance"],
+                     rejected=j(p["rejected"], "balance.parquet"), beam_args=beam),
         ShardStage(cfg.shard, {"pool": p["pool"], "kept": j(p["balance"], "kept.parquet")}, p["shards"],
                    beam_args=beam),
     ]
@@ -105,6 +114,7 @@ def build_manifest(cfg: BuildConfig, results: list[StageResult]) -> dict:
         "curate": {"steps": curate.details["steps"], "balance": curate.details["balance"]},
         "crawl": {k: v for k, v in by["crawl"].details.items() if k != "log_file"},
         "decontam": by["decontam"].details,
+        **({"clip_score": by["clip_score"].details} if "clip_score" in by else {}),
         "balance": {"t": balance.details["t"], "seed": balance.details["seed"],
                     "target_size": balance.details["target_size"], "input_rows": balance.input_rows,
                     "kept": balance.kept},

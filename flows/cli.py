@@ -265,8 +265,14 @@ def build(
     as_of: Optional[str] = typer.Option(None, "--as-of", help="With --dataset: the build's clock for crawl "
                                                               "retries (ISO 8601, UTC; default now)."),
     verbose: bool = typer.Option(False, "--verbose", help="Also stream img2dataset's and the crawl workers' log."),
+    filter_spec: Optional[str] = typer.Option(None, "--filter", help="CLIP-score filter after decontamination: "
+                                              "clip_score:threshold=X (drop cosine < X) or clip_score:top_fraction=F "
+                                              "(keep the best F); needs --filter-checkpoint."),
+    filter_checkpoint: Optional[str] = typer.Option(None, "--filter-checkpoint", help="Model that scores: a clipline "
+                                                    "run directory, an open_clip or an OpenAI checkpoint."),
 ):
-    """Build a dataset: curate -> crawl -> image checks -> decontaminate -> rebalance -> shard (a Prefect flow)."""
+    """Build a dataset: curate -> crawl -> image checks -> decontaminate -> [CLIP-score filter] -> rebalance -> shard
+    (a Prefect flow)."""
     from flows.build import build_dataset
     from flows.config import load_build_config
 
@@ -307,6 +313,12 @@ def build(
     put("crawl.timeout", timeout, "timeout")
     put("runner", runner, "runner")
     put("beam_args", list(beam_arg), "beam_arg")
+    if filter_spec is not None:
+        from clip_train.clip_score import parse_clip_score_filter
+
+        rule = _run_user(parse_clip_score_filter, filter_spec)
+        flags["clip_filter"] = {"threshold": None, "top_fraction": None, **rule}
+    put("clip_filter.checkpoint", filter_checkpoint, "filter_checkpoint")
     if dataset is not None:  # a dataset version (flows/versions.py)
         from flows.cli_versions import build_dataset_version
 
@@ -339,6 +351,10 @@ def _preflight(cfg) -> None:
 
         for spec in cfg.decontam.eval_sets:
             _run_user(parse_spec, spec)
+    if cfg.clip_filter is not None:
+        from pipelines.clipscore.stage import checkpoint_fingerprint
+
+        _run_user(checkpoint_fingerprint, cfg.clip_filter.checkpoint)
 
 
 def print_build_summary(summary: dict) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.balance.stage import BalanceConfig
+from pipelines.clipscore.stage import ClipScoreConfig
 from pipelines.core import storage
 from pipelines.core.beam import resolve_runner
 from pipelines.core.config import Config, check, merge
@@ -25,7 +26,7 @@ from pipelines.images.stage import ImagesConfig
 from pipelines.dataset.hooks import DatasetHooks
 from pipelines.shard.writer import ShardConfig
 
-STAGE_DIRS = ("curate", "crawl", "pool", "decontam", "balance")
+STAGE_DIRS = ("curate", "crawl", "pool", "decontam", "clip_score", "balance")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class BuildConfig(Config):
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)  # t unset: the curation t
     shard: ShardConfig = field(default_factory=ShardConfig)
+    clip_filter: ClipScoreConfig | None = None  # CLIP-score filtering after decontamination (off by default)
     dataset: DatasetHooks | None = None  # set by flows.versions.build_version: crawl store, takedowns, as_of
 
     def __post_init__(self):

@@ -28,8 +28,6 @@ One build per root at a time (schedules run one after the other). Takedowns are 
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +37,7 @@ from pipelines.core import storage
 from pipelines.core import reasons as R
 from pipelines.dataset import takedown as TD
 from pipelines.dataset.crawl_store import BackoffPolicy, CrawlStore, format_time, parse_time
-from pipelines.dataset.hooks import DatasetHooks, apply_hooks
+from pipelines.dataset.hooks import DatasetHooks
 from pipelines.dataset.takedown import request as record_takedown
 from pipelines.dataset.versions import DatasetError, DatasetRoot, manifest_sha256, publish, state_key
 
@@ -76,32 +74,11 @@ def due_for_retry(root: DatasetRoot, version: int, store: CrawlStore, as_of: str
     return store.due(as_of, urls)
 
 
-_PLAN_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _dataset_plan(hooks: DatasetHooks):
-    """Until flows/build.py applies the hooks itself (``BuildConfig.dataset``), wrap its ``plan_stages`` for the
-    duration of one build. Remove once the integration is in."""
-    import flows.build as B
-
-    with _PLAN_LOCK:
-        original = B.plan_stages
-        B.plan_stages = lambda cfg, **kw: apply_hooks(original(cfg, **kw), hooks)
-        try:
-            yield
-        finally:
-            B.plan_stages = original
-
 
 def _run_build(cfg, hooks: DatasetHooks) -> dict:
     from flows.build import build_dataset
-    from flows.config import BuildConfig
 
-    if "dataset" in BuildConfig.__dataclass_fields__:  # integrated: plan_stages applies the hooks
-        return build_dataset(cfg.replace(dataset=hooks))
-    with _dataset_plan(hooks):
-        return build_dataset(cfg)
+    return build_dataset(cfg.replace(dataset=hooks))  # plan_stages applies the hooks (crawl store, takedowns)
 
 
 def _backoff(root: DatasetRoot, backoff: Mapping | BackoffPolicy | None) -> BackoffPolicy:

@@ -11,7 +11,7 @@ SCHEMA = versioned(
         pa.field("uid", pa.string()),  # null when the row had no url/caption to hash
         pa.field("url", pa.string()),
         pa.field("caption", pa.string()),
-        pa.field("stage", pa.string(), nullable=False),  # curate | crawl | images | dedup | decontam | balance
+        pa.field("stage", pa.string(), nullable=False),  # curate | crawl | images | dedup | decontam | clip_score | balance
         pa.field("reason", pa.string(), nullable=False),
         pa.field("source", pa.string()),  # input file (and row) the record came from, when known
     ],

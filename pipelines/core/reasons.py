@@ -7,8 +7,8 @@ rule recognises are kept as ``other:<message>`` so nothing is hidden.
 from __future__ import annotations
 
 # ---- stage names (the ``stage`` column of rejected rows and the keys of the funnel)
-CURATE, CRAWL, IMAGES, DEDUP, DECONTAM, BALANCE, SHARD, FILTER = (
-    "curate", "crawl", "images", "dedup", "decontam", "balance", "shard", "filter")
+CURATE, CRAWL, IMAGES, DEDUP, DECONTAM, CLIP_SCORE, BALANCE, SHARD = (
+    "curate", "crawl", "images", "dedup", "decontam", "clip_score", "balance", "shard")
 
 # ---- curate: record, caption and URL checks, matching, exact dedup, language, balancing
 MALFORMED_RECORD = "malformed_record"
@@ -80,7 +80,7 @@ def eval_overlap(eval_set: str) -> str:
     return f"{EVAL_OVERLAP}:{eval_set}"
 
 
-# ---- filter (model-based filters after the build's pool)
+# ---- clip_score (model-based filter of the build's pool, after decontamination)
 LOW_CLIP_SCORE = "low_clip_score"
 
 # ---- shard

@@ -102,21 +102,6 @@ def _descriptor_fingerprint(detector: dict) -> str | None:
         return None
 
 
-def _ok_rows(uri: str) -> list[dict]:
-    from pipelines.images.stage import read_rows
-
-    cols = ["uid", "status", "sha256", "crawl_tar", "jpg_offset", "jpg_size"]
-    return [{k: r[k] for k in cols if k != "status"} for r in read_rows([uri], columns=cols) if r["status"] == "ok"]
-
-
-def _chunks(kv, size: int):
-    """Rows of one crawl tar, in offset order, cut into chunks (each tar is read sequentially by one worker)."""
-    _tar, rows = kv
-    rows = sorted(rows, key=lambda r: (int(r["jpg_offset"]), r["uid"]))
-    for i in range(0, len(rows), size):
-        yield rows[i:i + size]
-
-
 class DecontamStage(Stage):
     """inputs: ``{"pool": POOL_DIR}``; output: the decontam directory; ``rejected``: one Parquet file.
 
@@ -140,7 +125,8 @@ class DecontamStage(Stage):
 
     def compute(self, fingerprint: str) -> StageResult:
         from pipelines.decontam.transform import matches_table
-        from pipelines.images.stage import pipeline_options, read_rows
+        from pipelines.images.pool_chunks import map_pool_chunks
+        from pipelines.images.stage import read_rows
 
         cfg, out_dir = self.config, self.output
         rejected_uri = self.rejected or storage.join(storage.parent(out_dir), "rejected", "decontam.parquet")
@@ -160,19 +146,9 @@ class DecontamStage(Stage):
             with tempfile.TemporaryDirectory(prefix="clipline-index-") as tmp:  # built locally, published whole
                 build_index(list(cfg.eval_sets), os.path.join(tmp, "index.npz"))
                 storage.write_file_atomic(index_uri, os.path.join(tmp, "index.npz"))
-            summary_uri = storage.join(out_dir, "_chunks.json")
-            with beam.Pipeline(options=pipeline_options(self.beam_args)) as p:
-                _ = (p
-                     | "PoolFiles" >> beam.Create(files)
-                     | "OkRows" >> beam.FlatMap(_ok_rows)
-                     | "ByTar" >> beam.Map(lambda r: (r["crawl_tar"], r))
-                     | "GroupTar" >> beam.GroupByKey()
-                     | "Chunks" >> beam.FlatMap(_chunks, CHUNK)
-                     | "Match" >> beam.ParDo(_MatchChunk(index_uri, dict(cfg.detector)))
-                     | "All" >> beam.combiners.ToList()
-                     | "Write" >> beam.Map(lambda parts: storage.write_json(summary_uri, parts, indent=None)))
-            parts = storage.read_json(summary_uri)
-            storage.delete(summary_uri)
+            parts = map_pool_chunks(files, _MatchChunk(index_uri, dict(cfg.detector)),
+                                    summary_uri=storage.join(out_dir, "_chunks.json"), beam_args=self.beam_args,
+                                    chunk_rows=CHUNK)
             match_rows = [m for part in parts for m in part["matches"]]
             unreadable = sum(part["unreadable"] for part in parts)
         matches = matches_table(match_rows).sort_by([("pool_key", "ascending"), ("eval_set", "ascending"),

@@ -1,0 +1,1 @@
+"""CLIP-score filtering of a build's pool (DataComp's baseline): :class:`ClipScoreStage`."""
