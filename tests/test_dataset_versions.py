@@ -100,6 +100,13 @@ def test_v2_requests_only_new_urls_and_equals_a_from_scratch_build(life):
     m2 = json.loads((root / "versions/0002/manifest.json").read_text())
     assert m2["crawl"]["crawl_store"]["fetch"] == len(new_paths) and m2["crawl"]["crawl_store"]["reused_ok"] > 0
     assert m2["dataset"]["parent"]["version"] == 1 and m2["dataset"]["as_of"] == T_2H
+    # decontamination matched only the images v1 had not matched (the rest came from the root's per-image cache)
+    m1 = json.loads((root / "versions/0001/manifest.json").read_text())
+    act1, act2 = m1["decontam"]["activity"], m2["decontam"]["activity"]
+    assert act1["from_cache"] == 0 and act1["matched_now"] == m1["decontam"]["pool_ok"]
+    assert act2["from_cache"] > 0 and act2["from_cache"] + act2["matched_now"] == m2["decontam"]["pool_ok"]
+    cached = pa.concat_tables([pq.read_table(p) for p in sorted((root / "decontam_cache").rglob("part-*.parquet"))])
+    assert cached.num_rows == len(set(cached.column("sha256").to_pylist())) == act1["matched_now"] + act2["matched_now"]
     assert [i["uri"] for i in m2["lineage"]["inputs"]] == sorted(str(p) for p in life["inputs"].glob("*.parquet"))
 
     # from scratch, at the same path (the incremental root moved aside): same shards, same manifest

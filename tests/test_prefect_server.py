@@ -73,12 +73,10 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def test_nightly_build_deployment_runs_on_a_worker_and_retries_a_transient_fault(
-        prefect_pg_server, postgres_cluster, synth_web_small, tmp_path):  # noqa: F811 - fixtures imported above
+        prefect_pg_server, postgres_cluster, synth_web_small, synth_build, tmp_path):  # noqa: F811 - fixtures above
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.build import build_dataset
     from flows.deploy import FAULT_ENV, build_config_from_mapping
 
     server, env = prefect_pg_server, prefect_pg_server["env"]
@@ -108,17 +106,12 @@ def test_nightly_build_deployment_runs_on_a_worker_and_retries_a_transient_fault
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
     build_config_from_mapping(nightly.parameters["config"])  # the YAML's config is a valid BuildConfig
 
-    # -- the same inputs, built by a direct call of the build flow (reporting to the same server). The crawl's
-    # per-host circuit breaker is off: every URL of the synthetic web is on one host, and which URLs a breaker
-    # trip turns into `host_unavailable` depends on thread timing, so two identical builds would differ in their
-    # rejection reasons. No rate limit either (one local host; it only makes the test slower).
-    direct_cfg = synth_build_config(synth_web_small, tmp_path / "direct",
-                                    crawl={"host_failure_limit": 1_000_000, "per_host_rps": None})
-    t = time.monotonic()
-    with temporary_settings(updates={PREFECT_API_URL: server["api_url"]}):
-        direct = build_dataset(direct_cfg)
-    times["direct_build_s"] = round(time.monotonic() - t, 1)
-    print("\nprefect-on-postgres timings so far:", json.dumps(times))
+    # -- the reference: the session's direct build of the same web with the same config (tests/conftest.py; its
+    # crawl settings fit the one-host synthetic web: no per-host circuit breaker or rate limit, so two identical
+    # builds give identical rejection reasons)
+    ref_out, direct = synth_build
+    direct_cfg = synth_build_config(synth_web_small, ref_out)
+    synth_web_small["server"].reset_flaky()  # the deployed build meets the web as the reference build did
 
     # -- the nightly deployment, run by a process worker, with one transient fault injected into check_inputs
     config = {**direct_cfg.to_dict(), "out": str(tmp_path / "deployed")}
@@ -172,12 +165,12 @@ def test_nightly_build_deployment_runs_on_a_worker_and_retries_a_transient_fault
     assert stage_runs and all(tr.state.is_completed() for tr in stage_runs), [(t.name, t.state) for t in stage_runs]
 
     # -- same funnel, same shards, same bytes as the direct call
-    m_direct = json.loads((tmp_path / "direct" / "manifest.json").read_text())
+    m_direct = json.loads((ref_out / "manifest.json").read_text())
     m_deployed = json.loads((tmp_path / "deployed" / "manifest.json").read_text())
     assert m_deployed["funnel"] == m_direct["funnel"] == direct["funnel"]
     assert m_deployed["funnel"]["kept"] > 0
     assert m_deployed["shards"] == m_direct["shards"]
-    shards_direct, shards_deployed = _files(tmp_path / "direct" / "shards"), _files(tmp_path / "deployed" / "shards")
+    shards_direct, shards_deployed = _files(ref_out / "shards"), _files(tmp_path / "deployed" / "shards")
     assert shards_deployed.keys() == shards_direct.keys() and any(k.endswith(".tar") for k in shards_direct)
     assert {s["name"] for s in m_direct["shards"]} <= set(shards_direct)
     assert shards_deployed == shards_direct  # tars, Parquet files, sizes.json: byte for byte

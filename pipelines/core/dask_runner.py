@@ -15,6 +15,8 @@ step multiplied by 7):
 4. **Side inputs recomputed in every task.** A side input is read by listing its bag inside each task of the
    consuming ParDo, which recomputes the side input's whole upstream graph once per partition (on curation: the
    entry counts, i.e. a second pass over every input file per partition, so two workers were no faster than one).
+5. **A DoFn set up for every partition.** ``setup()`` (which loads query lists, models, indexes) and ``teardown()``
+   ran once per partition instead of once per DoFn instance and worker.
 
 This runner keeps Beam's translation of Create / GroupByKey / Flatten and replaces the rest: one bag per
 *PCollection* (a ParDo's bag holds (tag, value) pairs and each output PCollection is a filtered view of it),
@@ -68,6 +70,7 @@ def _run_bundle(items, fn, window_fn, side_specs, args, kwargs, label, *side_val
     recomputes its whole upstream graph once per partition)."""
     side_inputs = [SideInputMap(view_class, view_options, _WindowedList(values, mapping_fn))
                    for (view_class, view_options, mapping_fn), values in zip(side_specs, side_values)] or None
+    fn, fresh = _instance(fn)
     receivers = _Receivers()
     invoker = DoFnInvoker.create_invoker(
         DoFnSignature(fn),
@@ -76,13 +79,41 @@ def _run_bundle(items, fn, window_fn, side_specs, args, kwargs, label, *side_val
                        process_yields_batches=False, process_batch_yields_elements=False),
         context=DoFnContext(label, state=None), side_inputs=side_inputs, input_args=args, input_kwargs=kwargs,
         user_state_context=None, bundle_finalizer_param=DoFn.BundleFinalizerParam())
-    invoker.invoke_setup()
+    if fresh:
+        invoker.invoke_setup()
+        _SET_UP[_key(fn)] = fn
     invoker.invoke_start_bundle()
     for item in items:
         invoker.invoke_process(te.get_windowed_value(item, window_fn))
     invoker.invoke_finish_bundle()
-    invoker.invoke_teardown()
     return receivers.sink
+
+
+# DoFn instances already set up in this worker process, per thread: Beam sets a DoFn up once per instance and reuses
+# it for many bundles (setup loads models, indexes, query lists: seconds each); Beam's DaskRunner set up and tore down
+# a new instance for every partition. Keyed by the pickled DoFn as sent (its configuration), so two ParDos with
+# different settings never share an instance. Instances live as long as the worker process (no teardown, which Beam
+# does not guarantee either).
+_SET_UP: dict = {}
+
+
+def _key(fn) -> tuple:
+    import hashlib
+    import threading
+
+    import cloudpickle
+
+    digest = getattr(fn, "_clipline_digest", None)
+    if digest is None:
+        digest = hashlib.sha256(cloudpickle.dumps(fn)).hexdigest()
+        fn._clipline_digest = digest
+    return threading.get_ident(), type(fn).__qualname__, digest
+
+
+def _instance(fn):
+    """(the set-up instance of this DoFn in this thread, or ``fn`` itself, and whether ``fn`` still needs setup)."""
+    cached = _SET_UP.get(_key(fn))
+    return (cached, False) if cached is not None else (fn, True)
 
 
 class _WindowedList:

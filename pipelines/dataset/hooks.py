@@ -1,18 +1,11 @@
 """How a dataset-version build differs from a plain build: the crawl stage goes through the root's crawl store and
 leaves out its takedowns. Everything else (curate, images, decontam, balance, shard, the manifest) is the plain
-build's, with every stage's ``work`` under ``ROOT/work`` so unchanged stages are reused from one version to the next.
+build's, with every stage's ``work`` under ``ROOT/work`` so unchanged stages are reused from one version to the next,
+and decontamination matches only images no earlier version matched under the same evaluation sets and detector.
 
     hooks = DatasetHooks(root="ROOT", as_of="2025-03-01T00:00:00Z")
     stages = apply_hooks(plan_stages(cfg), hooks)    # the crawl stage replaced by a StoreCrawlStage
 
-Integration in ``flows/build.py`` (``plan_stages``, after the list is built)::
-
-    if cfg.dataset is not None:  # a dataset version (flows/versions.py): crawl store + takedowns
-        from pipelines.dataset.hooks import apply_hooks
-        stages = apply_hooks(stages, cfg.dataset)
-
-with ``dataset: DatasetHooks | None = None`` in :class:`flows.config.BuildConfig`. Until then
-:func:`flows.versions.build_version` applies the same function around its call of ``build_dataset``.
 """
 from __future__ import annotations
 
@@ -51,13 +44,18 @@ class DatasetHooks(Config):
         return storage.join(self.root, "takedowns")
 
     @property
+    def decontam_cache(self) -> str:
+        return storage.join(self.root, "decontam_cache")
+
+    @property
     def fetch_dir(self) -> str:
         return storage.join(self.root, "work", "fetch")
 
 
 def apply_hooks(stages: list, hooks: DatasetHooks) -> list:
     """The plain build's stages with the crawl stage replaced by a :class:`StoreCrawlStage` (same inputs, output,
-    rejected file and crawl config)."""
+    rejected file and crawl config) and the decontamination stage given the root's per-image cache
+    (:mod:`pipelines.decontam.cache`)."""
     from pipelines.dataset.store_crawl import StoreCrawlStage
 
     out = []
@@ -68,5 +66,7 @@ def apply_hooks(stages: list, hooks: DatasetHooks) -> list:
                                     backoff=hooks.backoff, fetch_dir=hooks.fetch_dir, beam_args=stage.beam_args,
                                     progress=getattr(stage, "progress", None),
                                     log_file=getattr(stage, "log_file", None))
+        elif stage.name == "decontam":  # images matched by an earlier version are not matched again
+            stage.cache = hooks.decontam_cache
         out.append(stage)
     return out

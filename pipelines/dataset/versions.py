@@ -328,8 +328,8 @@ CRAWL_ACTIVITY = ("crawl_store", "fetch", "rounds", "hosts", "n_hosts", "host_to
 def comparable_manifest(doc: dict) -> dict:
     """A manifest without what legitimately differs between an incremental and a from-scratch build of the same
     inputs, seed and ``as_of``: timing fields (keys in :data:`TIMING_KEYS`, outside ``params`` and ``stages``,
-    whose ``*_seconds`` keys are settings), the crawl's activity this time (what was downloaded vs reused:
-    :data:`CRAWL_ACTIVITY`), and the ``dataset`` section (version number, parent). Everything else -- lineage,
+    whose ``*_seconds`` keys are settings), the crawl's and decontamination's activity this time (what was downloaded
+    or matched vs reused: :data:`CRAWL_ACTIVITY`, ``decontam.activity``), and the ``dataset`` section (version number, parent). Everything else -- lineage,
     params, seeds, funnel, per-step curation figures, decontamination, balancing, entry counts, every shard's tar
     and Parquet sha256, stage fingerprints, tool versions -- must be equal. Paths are kept: compare two builds made
     at the same ROOT path."""
@@ -343,4 +343,6 @@ def comparable_manifest(doc: dict) -> dict:
     out = {k: (v if k in ("params", "stages") else strip(v)) for k, v in doc.items() if k != "dataset"}
     if isinstance(out.get("crawl"), dict):
         out["crawl"] = {k: v for k, v in out["crawl"].items() if k not in CRAWL_ACTIVITY}
+    if isinstance(out.get("decontam"), dict):  # images matched now vs taken from the per-image cache
+        out["decontam"] = {k: v for k, v in out["decontam"].items() if k != "activity"}
     return out

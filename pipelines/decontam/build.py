@@ -86,7 +86,8 @@ class _MatchChunk(beam.DoFn):
         images = _read_images(chunk)
         table = decontaminate_pool(((r["uid"], images[r["uid"]]) for r in chunk), self.index,
                                    DetectorConfig.from_dict(dict(self.detector)), errors)
-        yield {"matches": table.to_pylist(), "unreadable": len(errors)}
+        yield {"matches": table.to_pylist(), "unreadable": len(errors),
+               "unreadable_uids": [e.split(":", 1)[0] for e in errors]}
 
 
 def _descriptor_fingerprint(detector: dict) -> str | None:
@@ -113,6 +114,7 @@ class DecontamStage(Stage):
     """
 
     name = "decontam"
+    cache: str | None = None  # per-image results cache (pipelines.decontam.cache); set for dataset versions
 
     def input_files(self) -> list[str]:
         from pipelines.images.stage import pool_files
@@ -123,9 +125,54 @@ class DecontamStage(Stage):
         return {"eval_sets": [eval_set_fingerprint(s) for s in self.config.eval_sets],
                 "descriptor": _descriptor_fingerprint(self.config.detector)}
 
+    def cache_namespace(self) -> str:
+        """What decides one image's result besides its bytes: the evaluation sets' content, the detector settings,
+        the descriptor weights and the detector's code (every file of this package)."""
+        import pathlib
+
+        here = pathlib.Path(__file__).parent
+        code = {p.name: storage.sha256_of(str(p)) for p in sorted(here.iterdir()) if p.suffix in (".py", ".npz")}
+        return markers.fingerprint(self.extra_fingerprint(), dict(self.config.detector), markers.CODE_VERSION, code)
+
+    def _match(self, files: list[str], n_ok: int, index_uri: str, summary_uri: str) -> tuple[list[dict], int, dict]:
+        """The match rows of every ok pool image, and how many images were unreadable. With a cache
+        (``self.cache``, set for dataset versions), images matched by an earlier build under the same namespace
+        are taken from it and only the others are matched (and added to it)."""
+        import tempfile
+
+        from pipelines.decontam.cache import DecontamCache
+        from pipelines.decontam.transform import build_index
+        from pipelines.images.pool_chunks import map_pool_chunks, ok_rows
+
+        cfg = self.config
+        if not cfg.eval_sets or not n_ok:
+            return [], 0, {"from_cache": 0, "matched_now": 0}
+        cache = DecontamCache(self.cache, self.cache_namespace()) if self.cache else None
+        known = cache.load() if cache is not None else {}
+        sha_of = {r["uid"]: r["sha256"] for f in files for r in ok_rows(f, ("uid", "sha256"))}
+        hits = frozenset(u for u, sha in sha_of.items() if sha in known)
+        rows: list[dict] = [{**m, "pool_key": u} for u in sorted(hits) for m in known[sha_of[u]][1]]
+        bad = {u for u in hits if known[sha_of[u]][0]}
+        if len(hits) < len(sha_of):
+            with tempfile.TemporaryDirectory(prefix="clipline-index-") as tmp:  # built locally, published whole
+                build_index(list(cfg.eval_sets), os.path.join(tmp, "index.npz"))
+                storage.write_file_atomic(index_uri, os.path.join(tmp, "index.npz"))
+            parts = map_pool_chunks(files, _MatchChunk(index_uri, dict(cfg.detector)), summary_uri=summary_uri,
+                                    beam_args=self.beam_args, chunk_rows=CHUNK, exclude=hits)
+            new = [m for part in parts for m in part["matches"]]
+            new_bad = {u for part in parts for u in part["unreadable_uids"]}
+            rows += new
+            bad |= new_bad
+            if cache is not None:
+                fresh: dict[str, tuple[bool, list[dict]]] = {sha_of[u]: (u in new_bad, []) for u in sha_of
+                                                              if u not in hits}
+                for m in new:
+                    fresh[sha_of[m["pool_key"]]][1].append({k: v for k, v in m.items() if k != "pool_key"})
+                cache.add(fresh)
+        return rows, len(bad), {"from_cache": len(hits), "matched_now": len(sha_of) - len(hits)}
+
     def compute(self, fingerprint: str) -> StageResult:
         from pipelines.decontam.transform import matches_table
-        from pipelines.images.pool_chunks import map_pool_chunks
         from pipelines.images.stage import read_rows
 
         cfg, out_dir = self.config, self.output
@@ -136,21 +183,7 @@ class DecontamStage(Stage):
         files = self.input_files()
         n_ok = sum(sum(1 for st in storage.read_table(f, columns=["status"]).column("status").to_pylist()
                        if st == "ok") for f in files)
-        match_rows: list[dict] = []
-        unreadable = 0
-        if cfg.eval_sets and n_ok:
-            from pipelines.decontam.transform import build_index
-
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="clipline-index-") as tmp:  # built locally, published whole
-                build_index(list(cfg.eval_sets), os.path.join(tmp, "index.npz"))
-                storage.write_file_atomic(index_uri, os.path.join(tmp, "index.npz"))
-            parts = map_pool_chunks(files, _MatchChunk(index_uri, dict(cfg.detector)),
-                                    summary_uri=storage.join(out_dir, "_chunks.json"), beam_args=self.beam_args,
-                                    chunk_rows=CHUNK)
-            match_rows = [m for part in parts for m in part["matches"]]
-            unreadable = sum(part["unreadable"] for part in parts)
+        match_rows, unreadable, activity = self._match(files, n_ok, index_uri, storage.join(out_dir, "_chunks.json"))
         matches = matches_table(match_rows).sort_by([("pool_key", "ascending"), ("eval_set", "ascending"),
                                                      ("eval_id", "ascending")])
         by_uid: dict[str, list[str]] = {}
@@ -183,7 +216,7 @@ class DecontamStage(Stage):
             outputs=outputs, params=self.params(), fingerprint=fingerprint,
             details={"eval_sets": list(cfg.eval_sets), "pool_ok": n_ok, "n_dropped": len(dropped),
                      "matches": matches.num_rows, "matches_per_eval_set": dict(sorted(per_set.items())),
-                     "unreadable": unreadable, "detector": dict(cfg.detector)})
+                     "unreadable": unreadable, "detector": dict(cfg.detector), "activity": activity})
 
 
 def decontaminate_build(pool_dir: str, eval_specs, out_dir: str, *, rejected_uri: str,
