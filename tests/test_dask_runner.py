@@ -133,13 +133,12 @@ def test_whole_build_on_dask_with_s3_matches_the_direct_build(synth_build, synth
         assert ref and got == ref, sub
     for name in ("shards/sizes.json",):
         assert storage.read_bytes(f"{out}/{name}") == (ref_dir / name).read_bytes()
-    # The pool names where each image lives: the crawl tar (local path vs s3:// URI) and the offset in it. The crawl
-    # writes samples in the order downloads finish (as img2dataset does), so offsets differ between any two crawls;
-    # the image itself is pinned by sha256 (compared below) and the shards built from it are byte-identical (above).
+    # The pool names where each image lives: the crawl tar (local path vs s3:// URI) and its source; equal once that
+    # location is set aside, offsets included (the crawl writes each shard in key order: pipelines/crawl/canonical.py)
     ref_pool = pa.concat_tables([pq.read_table(p) for p in sorted((ref_dir / "pool").glob("samples-*.parquet"))])
     got_pool = pa.concat_tables([storage.read_table(u) for u in sorted(storage.list_prefix(f"{out}/pool"))
                                  if u.endswith(".parquet")])
-    moved = ["crawl_tar", "source", "jpg_offset"]
+    moved = ["crawl_tar", "source"]
     ref_pool, got_pool = ref_pool.drop(moved).sort_by("uid"), got_pool.drop(moved).sort_by("uid")
     differing = [c for c in ref_pool.column_names if not ref_pool.column(c).equals(got_pool.column(c))]
     assert not differing, differing

@@ -523,6 +523,9 @@ class CrawlDownloader(Downloader):
             "worker_cpu_s": round(time.process_time() - cpu0, 3),
         }
         local = os.path.join(self.output_folder, name)
+        from pipelines.crawl.canonical import put_in_key_order
+
+        put_in_key_order(f"{local}.tar", f"{local}.parquet", self.encode_format)  # same layout whatever the timing
         # Publish: tar and Parquet first, the stats file last (its presence means the shard is finished).
         storage.write_file_atomic(storage.join(s.publish_dir, f"{name}.tar"), f"{local}.tar")
         storage.write_file_atomic(storage.join(s.publish_dir, f"{name}.parquet"), f"{local}.parquet")
