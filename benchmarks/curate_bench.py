@@ -363,7 +363,12 @@ def main(argv=None):
         rss_small, rss_large = (peak_rss_of(m, work, work / "ql.parquet") for m in (small, large))
         result["peak_rss_mib"] = {str(small): round(rss_small), str(large): round(rss_large),
                                   "ratio_10x_rows": round(rss_large / rss_small, 3)}
-    print(json.dumps({k: v for k, v in result.items() if k != "stage"}, indent=2))
+    finish(result, args, work, hide="stage")
+
+
+def finish(result: dict, args, work: Path, hide: str) -> None:
+    """Print the result (without its ``hide`` key), write it to ``args.out``, remove the work dir unless --keep."""
+    print(json.dumps({k: v for k, v in result.items() if k != hide}, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"results written to {args.out}" + (f"; work directory {work}" if args.keep else ""))

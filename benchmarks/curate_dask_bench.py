@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from curate_bench import load_snapshot, make_inputs, output_digest, run_stage  # noqa: E402
+from curate_bench import finish, load_snapshot, make_inputs, output_digest, run_stage  # noqa: E402
 
 
 def _tree_cpu(pids: list[int]) -> float:
@@ -132,14 +132,7 @@ def main(argv=None):
         result["ratio_2_over_1_workers"] = round(w1 / w2, 3)
         result["ratio_per_repeat"] = [round(a["wall_s"] / b["wall_s"], 3)
                                       for a, b in zip(runs["dask/1"], runs["dask/2"])]
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results written to {args.out}" + (f"; work directory {work}" if args.keep else ""))
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+    finish(result, args, work, hide="machine")
 
 
 if __name__ == "__main__":
