@@ -7,13 +7,20 @@ Two ways to run the search, both exact (checked against the brute force on the s
 - join: both sides are known (an audit of an already hashed pool): the larger side (the pool) is indexed and the
   evaluation hashes probe it (``mih.hamming_join``).
 
+Descriptor mode (``--modes desc``): exact blocked cosine search (:mod:`pipelines.decontam.knn`) of pool
+descriptors against 2 x ``--eval`` evaluation descriptors (each image and its mirror, as the index holds them),
+128-d float32, clustered like real ones (groups of look-alikes) with 1% planted near copies. Timed on one core
+(``threadpoolctl``) over ``--desc-queries`` pool queries and extrapolated to the whole pool; ``--desc-full``
+also runs the whole pool with all cores. Memory: the index, one block of similarities, one batch of queries.
+
 usage: python benchmarks/dedup_search.py [--pool 1000000] [--eval 100000] [--radius R] [--brute-queries 2000]
-       [--blocks M] [--modes streaming,join]
+       [--blocks M] [--modes streaming,join,desc] [--desc-queries 20000] [--desc-full]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -22,6 +29,55 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pipelines.decontam.detector import DetectorConfig  # noqa: E402
 from pipelines.decontam.mih import MultiIndexHash, brute_force_search, choose_blocks, hamming_join  # noqa: E402
+from pipelines.decontam import knn  # noqa: E402
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def desc_bench(n_pool: int, n_eval: int, n_queries: int, full: bool, seed: int, dim: int = 128,
+               threshold: float | None = None, topk: int = 5) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from pipelines.decontam.descriptor import default_descriptor
+
+    if threshold is None:
+        threshold = default_descriptor().threshold("candidate")
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(n_eval // 50 + 1, dim)))
+    eval_d = unit(np.repeat(centres, 100, axis=0)[: 2 * n_eval] + rng.normal(0, 0.12, (2 * n_eval, dim)))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def pool_batch(n, s):
+        r = np.random.default_rng([seed, s])
+        x = unit(r.normal(size=(n, dim)))
+        k = n // 100
+        x[:k] = unit(eval_d[r.integers(0, len(eval_d), k)] + r.normal(0, 0.05, (k, dim)))
+        return x
+
+    q = pool_batch(n_queries, 0)
+    with threadpool_limits(1):
+        t0 = time.perf_counter()
+        res = knn.search(q, eval_d, threshold, topk)
+        t1 = time.perf_counter() - t0
+    per_s = n_queries * len(eval_d) / t1
+    print(f"descriptor search, 1 core: {n_queries:,} pool x {len(eval_d):,} eval descriptors ({dim}-d, "
+          f"threshold {threshold}, top-{topk}): {t1:.2f} s = {per_s / 1e6:.0f} M pairs/s = {n_queries / t1:,.0f} "
+          f"pool images/s/core ({len(res.query):,} candidates); 1,000,000 x {len(eval_d):,}: "
+          f"{n_pool * len(eval_d) / per_s:.0f} s on one core")
+    mem = eval_d.nbytes + (1 << 22) * 4 + 1024 * dim * 4
+    print(f"memory: index {eval_d.nbytes / 2**20:.0f} MiB + similarity block {(1 << 22) * 4 / 2**20:.0f} MiB + "
+          f"query batch (1024) {1024 * dim * 4 / 2**20:.1f} MiB = {mem / 2**20:.0f} MiB; peak RSS growth "
+          f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024:.0f} MiB")
+    if full:
+        t0 = time.perf_counter()
+        n_found, step = 0, 16384
+        for s in range(0, n_pool, step):
+            n_found += len(knn.search(pool_batch(min(step, n_pool - s), s + 1), eval_d, threshold, topk).query)
+        t = time.perf_counter() - t0
+        print(f"full run, all cores ({os.cpu_count()}): {n_pool:,} x {len(eval_d):,} in {t:.0f} s "
+              f"({n_found:,} candidates; includes generating the pool vectors)")
 
 
 def flip_bits(h: np.ndarray, n_bits: np.ndarray, rng) -> np.ndarray:
@@ -47,7 +103,14 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--modes", default="streaming,join")
+    ap.add_argument("--desc-queries", type=int, default=20_000)
+    ap.add_argument("--desc-full", action="store_true")
     a = ap.parse_args(argv)
+    if "desc" in a.modes.split(","):
+        desc_bench(a.pool, a.eval, a.desc_queries, a.desc_full, a.seed)
+        a.modes = ",".join(m for m in a.modes.split(",") if m != "desc")
+        if not a.modes:
+            return
     rng = np.random.default_rng(a.seed)
     # Eval hashes: groups of correlated variants (as the index holds ~40 variants per image, which share bits).
     base = rng.integers(0, 2**64, a.eval // 50 + 1, dtype=np.uint64)

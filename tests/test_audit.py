@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from pipelines.core.errors import ClipError
 from pipelines.decontam import augment
-from pipelines.decontam.audit import main, run_audit
+from pipelines.decontam.audit import AuditError, main, run_audit
 from pipelines.decontam.datasets import DatasetError
 from pipelines.decontam.stats import clopper_pearson, overlap_statistics
 from pipelines.evalsets import EvalSetSpecError
@@ -44,6 +45,13 @@ def test_overlap_statistics_known_numbers():
     assert s["overlap"]["ci"] == pytest.approx([ci.low, ci.high])
     empty = overlap_statistics(ids, correct, set())
     assert empty["overlap"]["n"] == 0 and empty["p_value"] is None and empty["all_minus_clean"] == 0.0
+
+
+def _html_data(page: str) -> tuple[list[str], dict]:
+    """The thumbnails and paged sections embedded in report.html."""
+    thumbs = json.loads(page.split("const THUMBS=", 1)[1].split(";const SECTIONS=", 1)[0])
+    sections = json.loads(page.split(";const SECTIONS=", 1)[1].split(";\nfunction show", 1)[0])
+    return thumbs, sections
 
 
 def _eval_folder(root: Path, n=12) -> dict:
@@ -85,10 +93,23 @@ def test_audit_on_webdataset_shards(tmp_path):
     pairs = {(p["eval_id"], p["dataset_key"]) for p in r["pairs"]}
     assert pairs == {("even/img0.png", "000000000"), ("even/img0.png", "000001000"), ("odd/img3.png", "000000003")}
     assert all(isinstance(p["distance"], int) and p["variant"] for p in r["pairs"])
+    assert all(p["found_by"] in ("hash", "descriptor", "both") and p["desc_cos"] is not None for p in r["pairs"])
+    assert sum(r["found_by"].values()) == len(r["pairs"]) == sum(r["verified_by"].values())
     assert on_disk["n_dataset"] == 5
     assert any("000000002" in e for e in on_disk["errors"])  # corrupt member: reported, not fatal
+    # nearest unflagged: each listed evaluation image is unflagged, most similar first, with a dataset key
+    near = r["nearest_unflagged"]
+    assert near and all(n["eval_id"] not in {"even/img0.png", "odd/img3.png"} for n in near)
+    assert [n["desc_cos"] for n in near] == sorted((n["desc_cos"] for n in near), reverse=True)
+    assert {n["dataset_key"] for n in near} <= {"000000000", "000000001", "000000003", "000001000", "000001001"}
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 and "src='http" not in page  # self-contained pairs
+    assert "src='http" not in page and 'src="http' not in page  # self-contained
+    thumbs, sections = _html_data(page)
+    assert all(t.startswith("data:image/") for t in thumbs)
+    pairs = sections["pairs0"]["rows"]
+    assert len(pairs) == 3 and all(e >= 0 and d >= 0 for e, d, _ in pairs)  # every pair with both thumbnails
+    assert len(sections["near0"]["rows"]) == len(near) and all(d >= 0 for _, d, _ in sections["near0"]["rows"])
+    assert "found by <b>" in pairs[0][2] and "page " in page
 
 
 def test_audit_on_image_folder_and_glob(tmp_path):
@@ -117,6 +138,7 @@ def test_audit_dataset_as_eval_spec_and_parquet(tmp_path):
     # an evaluation-set spec as the dataset: the set against itself finds every example
     r2 = run_audit(f"folder:{tmp_path / 'eval'}", [f"folder:{tmp_path / 'eval'}"], str(tmp_path / "o2"))
     assert r2["eval_sets"]["eval"]["n_overlap"] == 6
+    assert r2["eval_sets"]["eval"]["nearest_unflagged"] == []  # everything is flagged
 
 
 def test_bad_inputs(tmp_path, capsys):
@@ -133,3 +155,56 @@ def test_bad_inputs(tmp_path, capsys):
     assert rep["n_dataset"] == 0 and any("junk.tar" in e for e in rep["errors"])
     assert main(["--dataset", str(tmp_path / "nope"), "--eval-set", "digits", "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
+    # a checkpoint without predictions cannot give statistics: a user-facing error, not a silent skip
+    with pytest.raises(AuditError, match="predictions"):
+        run_audit(str(tmp_path / "eval"), [f"folder:{tmp_path / 'eval'}"], str(tmp_path / "o"), "run-dir")
+    assert issubclass(DatasetError, ClipError) and issubclass(EvalSetSpecError, ClipError)
+    assert issubclass(AuditError, ClipError)
+    with pytest.raises(ClipError, match="unknown detector thresholds"):
+        run_audit(str(tmp_path / "eval"), [f"folder:{tmp_path / 'eval'}"], str(tmp_path / "o"), min_gnc=0.3)
+
+
+def test_statistics_from_predictions_passed_in(tmp_path):
+    """The data plane takes zero-shot predictions in (flows.audit computes them from a checkpoint)."""
+    imgs = _eval_folder(tmp_path / "eval", n=8)
+    ids = sorted(imgs)
+    table_dir = tmp_path / "web"
+    table_dir.mkdir()
+    for k in ids[:3]:  # three evaluation images are in the dataset
+        imgs[k].save(table_dir / k.replace("/", "_"))
+    scene(4242).save(table_dir / "other.png")
+    # the model is right on the three overlapping images and on 1 of the 5 clean ones
+    preds = {"eval": [(k, (0 if k.startswith("even") else 1) if (i < 3 or i == 5) else 7, 0 if k.startswith("even")
+                       else 1) for i, k in enumerate(ids)]}
+    rep = run_audit(f"folder:{table_dir}", [f"folder:{tmp_path / 'eval'}"], str(tmp_path / "o"), "run-dir",
+                    predictions=preds)
+    s = rep["statistics"]["eval"]
+    assert rep["eval_sets"]["eval"]["n_overlap"] == 3 and rep["checkpoint"] == "run-dir"
+    assert (s["overlap"]["n"], s["overlap"]["correct"], s["clean"]["n"], s["clean"]["correct"]) == (3, 3, 5, 1)
+    called = []
+    rep2 = run_audit(f"folder:{table_dir}", [f"folder:{tmp_path / 'eval'}"], str(tmp_path / "o2"),
+                     predictions=lambda es: called.append(es.name) or preds["eval"])
+    assert called == ["eval"] and rep2["statistics"] == rep["statistics"]
+    assert "Zero-shot accuracy" in (tmp_path / "o" / "report.html").read_text()
+    # the command line: flows.audit.main supplies predict(checkpoint, eval_set); here a stand-in
+    seen = []
+    assert main(["--dataset", f"folder:{table_dir}", "--eval-set", f"folder:{tmp_path / 'eval'}", "--out",
+                 str(tmp_path / "o3"), "--checkpoint", "run-dir"],
+                predict=lambda ck, es: seen.append(ck) or preds["eval"]) == 0
+    assert seen == ["run-dir"]
+    assert json.loads((tmp_path / "o3" / "report.json").read_text())["statistics"] == rep["statistics"]
+    assert main(["--dataset", f"folder:{table_dir}", "--eval-set", f"folder:{tmp_path / 'eval'}", "--out",
+                 str(tmp_path / "o4"), "--checkpoint", "run-dir"]) == 2  # no way to predict: one-line error
+
+
+def test_audit_writes_to_s3(tmp_path, s3_bucket):
+    from pipelines.core import storage
+
+    imgs = _eval_folder(tmp_path / "eval", n=4)
+    web = tmp_path / "web"
+    web.mkdir()
+    imgs["even/img2.png"].save(web / "copy.png")
+    rep = run_audit(f"folder:{web}", [f"folder:{tmp_path / 'eval'}"], f"{s3_bucket}/audits/a1")
+    back = json.loads(storage.read_bytes(f"{s3_bucket}/audits/a1/report.json"))
+    assert back["eval_sets"]["eval"]["n_overlap"] == rep["eval_sets"]["eval"]["n_overlap"] == 1
+    assert storage.read_bytes(f"{s3_bucket}/audits/a1/report.html").startswith(b"<!doctype html>")

@@ -1,8 +1,18 @@
 """Contamination audit: near-duplicates between any dataset and evaluation sets, report.json + self-contained HTML,
-and (with a trained checkpoint) CLIP section 5 accuracy on All / Clean / Overlap.
+and (given zero-shot predictions) CLIP section 5 accuracy on All / Clean / Overlap.
 
-CLI contract (``clipline audit``): ``--dataset D --eval-set SPEC [--eval-set SPEC ...] --out DIR
-[--checkpoint RUN_DIR]``; writes DIR/report.json and DIR/report.html.
+Every matched pair is reported with the candidate generator that found it (``found_by``: hash variant,
+descriptor, both), the check that accepted it (``verified_by``) and the scores (pHash distance, descriptor
+cosine, correlations). For every evaluation image the most similar dataset image by descriptor is tracked, so the
+report also lists the *nearest unflagged* pairs: the ones a person should look at to trust a "clean" verdict.
+The HTML pages through all pairs (and the nearest unflagged) with thumbnails.
+
+This module is the data plane: it never imports ``clip_train``. Predictions come in from the caller
+(``flows.audit`` computes them with a checkpoint), as {eval set name: [(eval_id, predicted, label), ...]} or as
+a function of the :class:`EvalSet`.
+
+CLI contract (``clipline audit``, see ``flows.audit.main``): ``--dataset D --eval-set SPEC [--eval-set SPEC ...]
+--out DIR [--checkpoint RUN_DIR]``; writes DIR/report.json and DIR/report.html (DIR local or s3://).
 """
 from __future__ import annotations
 
@@ -11,30 +21,44 @@ import base64
 import html
 import io
 import json
-import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 from PIL import Image
 
+from pipelines.core import storage
+from pipelines.core.errors import ClipError
+from pipelines.decontam import knn
 from pipelines.decontam.datasets import DatasetError, iter_dataset
 from pipelines.decontam.detector import DetectorConfig, EvalIndex, decode_pool_image, match_batch
 from pipelines.decontam.stats import overlap_statistics
 from pipelines.evalsets import EvalSetSpecError, load_eval_set
 
-THUMB = 96
-MAX_PAIRS_SHOWN = 200  # per evaluation set in the HTML (report.json lists every pair)
+THUMB = 96  # thumbnails larger than this are shrunk (JPEG); smaller ones stay PNG at their own size
+MAX_THUMB_PAIRS = 20_000  # pairs shown with thumbnails in the HTML (report.json lists every pair)
+N_NEAREST = 200  # nearest unflagged pairs listed per evaluation set
+PAGE = 60  # pairs per HTML page
+
+Predictions = Mapping[str, Sequence[tuple]] | Callable[[object], Sequence[tuple]]
+
+
+class AuditError(ClipError):
+    """An audit that cannot run as asked (e.g. a checkpoint without a way to compute its predictions)."""
 
 
 def _thumb_b64(img: Image.Image) -> str:
+    """data: URI of a small thumbnail: PNG at native size up to 64 px (CIFAR-sized, scaled up by the browser),
+    JPEG within THUMB px otherwise."""
     im = img.convert("RGB")
-    im.thumbnail((THUMB, THUMB))
-    if max(im.size) < THUMB:  # CIFAR-sized images: enlarge so a reader can see them
-        f = THUMB / max(im.size)
-        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.Resampling.NEAREST)
     buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    if max(im.size) <= 64:
+        im.save(buf, "PNG", optimize=True)
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    im.thumbnail((THUMB, THUMB))
+    im.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _small_rgb(item) -> Image.Image:
@@ -46,54 +70,97 @@ def _small_rgb(item) -> Image.Image:
     return img.convert("RGB")
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+class _Scan:
+    """One pass over the dataset: matches, thumbnails of matched items, each eval row's nearest dataset item."""
 
+    def __init__(self, index: EvalIndex, cfg: DetectorConfig, errors: list[str]):
+        self.index, self.cfg, self.errors = index, cfg, errors
+        self.matches = []
+        self.thumbs: dict[str, str] = {}
+        self.n_items = 0
+        n_rows = 0 if index.desc is None else len(index.desc)
+        self.best = knn.BestPerEntry.empty(n_rows)
+        self.best_key = np.full(n_rows, None, dtype=object)
 
-def _match_dataset(dataset, index, cfg, errors, want_thumbs):
-    """All matches of the dataset against the index, plus colour thumbnails of matched dataset images."""
-    matches, thumbs, n_items = [], {}, 0
-    keys, greys, originals = [], [], []
-
-    def flush():
-        found, _ = match_batch(index, keys, greys, cfg)
-        matches.extend(found)
+    def batch(self, keys, greys, originals):
+        offset = self.n_items - len(keys)
+        found, _ = match_batch(self.index, keys, greys, self.cfg, best=self.best, query_offset=offset)
+        self.matches.extend(found)
+        upd = np.flatnonzero(self.best.query >= offset)
+        for r in upd:
+            self.best_key[r] = keys[int(self.best.query[r]) - offset]
+        self.best.query[upd] = -2  # resolved to a key; -2 < any later offset
         hit = {m.pool_key for m in found}
         for k, o in zip(keys, originals):
-            if k in hit and k not in thumbs and len(thumbs) < want_thumbs:
-                thumbs[k] = _thumb_b64(_small_rgb(o))
-        keys.clear(), greys.clear(), originals.clear()
+            if k in hit and k not in self.thumbs and len(self.thumbs) < MAX_THUMB_PAIRS:
+                self.thumbs[k] = _thumb_b64(_small_rgb(o))
 
-    for key, item in iter_dataset(dataset, errors):
-        try:
-            grey = item.convert("L") if isinstance(item, Image.Image) else decode_pool_image(item)
-        except Exception as exc:  # corrupt image inside a shard: reported, not fatal
-            errors.append(f"{dataset}: {key}: not a readable image ({type(exc).__name__}: {exc})")
-            continue
-        n_items += 1
-        keys.append(key)
-        greys.append(grey)
-        originals.append(item)
-        if len(keys) >= cfg.batch_size:
-            flush()
-    if keys:
-        flush()
-    return matches, thumbs, n_items
+    def run(self, dataset: str):
+        keys, greys, originals = [], [], []
+        for key, item in iter_dataset(dataset, self.errors):
+            try:
+                # colour kept: the detector's final colour check compares it with the evaluation image
+                grey = ((item if item.mode in ("RGB", "L") else item.convert("RGB")) if isinstance(item, Image.Image)
+                        else decode_pool_image(item))
+            except Exception as exc:  # corrupt image inside a shard: reported, not fatal
+                self.errors.append(f"{dataset}: {key}: not a readable image ({type(exc).__name__}: {exc})")
+                continue
+            self.n_items += 1
+            keys.append(key)
+            greys.append(grey)
+            originals.append(item)
+            if len(keys) >= self.cfg.batch_size:
+                self.batch(keys, greys, originals)
+                keys, greys, originals = [], [], []
+        if keys:
+            self.batch(keys, greys, originals)
 
 
-def run_audit(dataset: str, eval_specs: list[str], out_dir: str, checkpoint: str | None = None,
-              **thresholds) -> dict:
+def _fetch_thumbs(dataset: str, wanted: set[str], have: dict[str, str]) -> None:
+    """Second pass for the thumbnails of dataset items first known to be wanted after the scan."""
+    wanted = wanted - set(have)
+    if not wanted:
+        return
+    for key, item in iter_dataset(dataset, []):
+        if key in wanted:
+            try:
+                have[key] = _thumb_b64(_small_rgb(item))
+            except Exception:  # noqa: BLE001 - an unreadable item was reported by the scan already
+                pass
+            wanted.discard(key)
+            if not wanted:
+                return
+
+
+def _predictions_for(predictions: Predictions | None, es) -> list[tuple] | None:
+    if predictions is None:
+        return None
+    if callable(predictions):
+        return list(predictions(es))
+    if es.name in predictions:
+        return list(predictions[es.name])
+    if es.spec in predictions:
+        return list(predictions[es.spec])
+    raise AuditError(f"no predictions for evaluation set {es.name!r} (given for {sorted(predictions)})")
+
+
+def run_audit(dataset: str, eval_specs: list[str], out_dir: str, checkpoint: str | None = None, *,
+              predictions: Predictions | None = None, detector: DetectorConfig | Mapping | None = None,
+              n_nearest: int = N_NEAREST, **thresholds) -> dict:
     """Audit ``dataset`` against ``eval_specs``; write out_dir/report.json and report.html; return the report.
 
-    ``thresholds`` override :class:`DetectorConfig` / ``VerifyConfig`` fields by name (radius, min_ncc,
-    min_gncc, min_std, min_grad, max_checks, verify). Raises DatasetError / EvalSetSpecError on unusable input.
+    ``predictions`` (see the module docstring) adds the All/Clean/Overlap statistics; ``checkpoint`` is only
+    recorded (``flows.audit`` turns it into predictions). ``detector`` is a :class:`DetectorConfig` (or mapping);
+    ``thresholds`` override its fields by flat name (radius, min_ncc, min_gncc, desc_candidate, desc_margin, ...).
+    Raises DatasetError / EvalSetSpecError / ConfigError on unusable input.
     """
     if not eval_specs:
         raise EvalSetSpecError("no evaluation set given (use --eval-set SPEC at least once)")
-    cfg = DetectorConfig().with_thresholds(**thresholds)
+    if checkpoint and predictions is None:
+        raise AuditError("a checkpoint needs its zero-shot predictions: run the audit through flows.audit "
+                         "(clipline audit), which computes them")
+    cfg = DetectorConfig.from_dict(detector) if isinstance(detector, Mapping) else (detector or DetectorConfig())
+    cfg = cfg.with_thresholds(**thresholds)
     eval_sets = [load_eval_set(s) for s in eval_specs]
     names = [es.name for es in eval_sets]
     if len(set(names)) != len(names):
@@ -101,40 +168,67 @@ def run_audit(dataset: str, eval_specs: list[str], out_dir: str, checkpoint: str
         for i, es in enumerate(eval_sets):
             if names.count(es.name) > 1:
                 es.name = f"{es.name}#{i}"
-    index = EvalIndex.from_eval_sets(eval_sets)
+    index = EvalIndex.from_eval_sets(eval_sets, descriptor=cfg.descriptor)
     errors: list[str] = [e for es in eval_sets for e in es.errors]
-    matches, dthumbs, n_items = _match_dataset(dataset, index, cfg, errors, MAX_PAIRS_SHOWN * len(eval_sets))
+    scan = _Scan(index, cfg, errors)
+    scan.run(dataset)
 
     by_set = defaultdict(list)
-    for m in sorted(matches, key=lambda m: (m.eval_set, m.eval_id, m.distance, m.pool_key)):
+    for m in sorted(scan.matches, key=lambda m: (m.eval_set, m.eval_id, m.pool_key)):
         by_set[m.eval_set].append(m)
-    report = {"dataset": dataset, "n_dataset": n_items, "eval_sets": {}, "errors": errors,
-              "detector": cfg.to_dict()}
+    model = index.descriptor_for(cfg)
+    report = {"dataset": dataset, "n_dataset": scan.n_items, "eval_sets": {}, "errors": errors,
+              "detector": cfg.to_dict(),
+              "descriptor": None if model is None else {
+                  "fingerprint": model.fingerprint, "dim": model.dim, "thresholds": model.meta["thresholds"]}}
+    row0 = 0
+    nearest_keys: set[str] = set()
     for es in eval_sets:
         pairs = by_set.get(es.name, [])
         ov = sorted({m.eval_id for m in pairs})
+        flagged = set(ov)
+        nearest = []
+        if index.desc is not None:
+            sims = scan.best.sim[2 * row0:2 * (row0 + len(es))].reshape(-1, 2)
+            which = np.argmax(sims, axis=1)
+            best = sims[np.arange(len(es)), which]
+            for i in np.argsort(-best, kind="stable"):
+                if len(nearest) >= n_nearest or not np.isfinite(best[i]):
+                    break
+                if es.ids[i] in flagged:
+                    continue
+                key = scan.best_key[2 * (row0 + i) + int(which[i])]
+                nearest.append({"eval_id": es.ids[i], "dataset_key": key, "desc_cos": round(float(best[i]), 4),
+                                "mirror": bool(which[i])})
+                nearest_keys.add(key)
+        row0 += len(es)
         report["eval_sets"][es.name] = {
             "spec": es.spec,
             "n_eval": len(es),
             "n_overlap": len(ov),
             "overlap_rate": (len(ov) / len(es)) if len(es) else 0.0,
-            "pairs": [{"eval_id": m.eval_id, "dataset_key": m.pool_key, "distance": int(m.distance),
-                       "variant": m.variant, "ncc": m.ncc, "gncc": m.gncc} for m in pairs],
+            "found_by": dict(sorted(Counter(m.found_by for m in pairs).items())),
+            "verified_by": dict(sorted(Counter(m.verified_by for m in pairs).items())),
+            "pairs": [{"eval_id": m.eval_id, "dataset_key": m.pool_key, "found_by": m.found_by,
+                       "verified_by": m.verified_by, "distance": int(m.distance), "variant": m.variant,
+                       "desc_cos": m.desc_cos, "ncc": m.ncc, "gncc": m.gncc} for m in pairs],
+            "nearest_unflagged": nearest,
         }
+    for es in eval_sets:
+        preds = _predictions_for(predictions, es)
+        if preds is None:
+            continue
+        ids = [str(i) for i, _, _ in preds]
+        correct = [int(p) == int(lab) for _, p, lab in preds]
+        overlap = {p["eval_id"] for p in report["eval_sets"][es.name]["pairs"]}
+        report.setdefault("statistics", {})[es.name] = overlap_statistics(ids, correct, overlap)
     if checkpoint:
-        from clip_train.evaluate import zeroshot_predictions  # torch stays out unless a checkpoint is audited
-
-        report["statistics"] = {}
-        for es in eval_sets:
-            preds = zeroshot_predictions(checkpoint, es)
-            ids = [str(i) for i, _, _ in preds]
-            correct = [int(p) == int(lab) for _, p, lab in preds]
-            overlap = {p["eval_id"] for p in report["eval_sets"][es.name]["pairs"]}
-            report["statistics"][es.name] = overlap_statistics(ids, correct, overlap)
         report["checkpoint"] = checkpoint
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, sort_keys=True))
-    _write_atomic(os.path.join(out_dir, "report.html"), render_html(report, eval_sets, dthumbs))
+    _fetch_thumbs(dataset, nearest_keys, scan.thumbs)
+    storage.write_bytes_atomic(storage.join(out_dir, "report.json"),
+                               json.dumps(report, indent=2, sort_keys=True).encode())
+    storage.write_bytes_atomic(storage.join(out_dir, "report.html"),
+                               render_html(report, eval_sets, scan.thumbs).encode())
     return report
 
 
@@ -144,22 +238,52 @@ def _fmt(x, pct=True):
     return f"{100 * x:.2f}%" if pct else f"{x:.3g}"
 
 
+_JS = """
+function show(id){const s=SECTIONS[id];const n=Math.max(1,Math.ceil(s.rows.length/PAGE));
+s.page=Math.min(Math.max(0,s.page),n-1);const el=document.getElementById(id);let h='';
+for(const r of s.rows.slice(s.page*PAGE,(s.page+1)*PAGE)){
+h+="<div class='pair'>"+(r[0]>=0?"<img src='"+THUMBS[r[0]]+"'>":"<i>?</i>")+(r[1]>=0?"<img src='"+THUMBS[r[1]]+"'>":
+"<i>(no thumbnail)</i>")+"<br>"+r[2]+"</div>";}
+el.innerHTML=h;document.getElementById(id+'-nav').textContent='page '+(s.page+1)+' / '+n+' ('+s.rows.length+')';}
+function go(id,d){SECTIONS[id].page+=d;show(id);}
+window.onload=function(){for(const id in SECTIONS){show(id);}};
+"""
+
+
 def render_html(report: dict, eval_sets, dataset_thumbs: dict[str, str]) -> str:
-    """Self-contained HTML (thumbnails embedded as base64 PNG): per-set summary, statistics, matched pairs."""
+    """Self-contained HTML (thumbnails embedded as data: URIs): per-set summary, statistics, every matched pair
+    and the nearest unflagged pairs, paged (``PAGE`` per page) by a few lines of JavaScript."""
     esc = html.escape
+    thumbs: list[str] = []
+    slot: dict[tuple[str, str], int] = {}
+
+    def tid(kind: str, key: str, make) -> int:
+        if (kind, key) not in slot:
+            uri = make()
+            if uri is None:
+                return -1
+            slot[(kind, key)] = len(thumbs)
+            thumbs.append(uri)
+        return slot[(kind, key)]
+
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Contamination audit</title><style>",
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
         "padding:4px 8px;text-align:right}.pair{display:inline-block;margin:6px;padding:4px;border:1px solid #ddd;"
-        "font-size:11px;text-align:center}.pair img{margin:2px;image-rendering:pixelated}",
+        "font-size:11px;text-align:center;width:210px;vertical-align:top}.pair img{margin:2px;width:96px;"
+        "height:96px;object-fit:contain;image-rendering:pixelated}button{margin:0 4px}",
         "</style></head><body>",
         f"<h1>Contamination audit</h1><p>Dataset: <code>{esc(report['dataset'])}</code> "
         f"({report['n_dataset']} images read)</p>",
-        "<table><tr><th>evaluation set</th><th>n_eval</th><th>n_overlap</th><th>overlap rate</th></tr>",
+        "<table><tr><th>evaluation set</th><th>n_eval</th><th>n_overlap</th><th>overlap rate</th>"
+        "<th>found by (hash / descriptor / both)</th><th>accepted by</th></tr>",
     ]
     for name, r in report["eval_sets"].items():
+        fb = r.get("found_by", {})
+        vb = ", ".join(f"{k} {v}" for k, v in r.get("verified_by", {}).items())
         parts.append(f"<tr><td>{esc(name)}</td><td>{r['n_eval']}</td><td>{r['n_overlap']}</td>"
-                     f"<td>{_fmt(r['overlap_rate'])}</td></tr>")
+                     f"<td>{_fmt(r['overlap_rate'])}</td><td>{fb.get('hash', 0)} / {fb.get('descriptor', 0)} / "
+                     f"{fb.get('both', 0)}</td><td>{esc(vb)}</td></tr>")
     parts.append("</table>")
     if "statistics" in report:
         parts.append("<h2>Zero-shot accuracy (CLIP section 5)</h2><table><tr><th>set</th><th>All</th><th>Clean</th>"
@@ -173,45 +297,84 @@ def render_html(report: dict, eval_sets, dataset_thumbs: dict[str, str]) -> str:
                 f"<td>{_fmt(s['p_value'], pct=False)}</td>"
                 f"<td>{'n/a' if ci is None else f'{100 * ci[0]:.1f}% - {100 * ci[1]:.1f}%'}</td></tr>")
         parts.append("</table>")
+    sections: dict[str, list] = {}
     by_name = {es.name: es for es in eval_sets}
-    for name, r in report["eval_sets"].items():
+    n_shown = 0
+    for si, (name, r) in enumerate(report["eval_sets"].items()):
         es = by_name[name]
         row_of = {ex_id: i for i, ex_id in enumerate(es.ids)}
-        shown = r["pairs"][:MAX_PAIRS_SHOWN]
-        parts.append(f"<h2>{esc(name)}: matched pairs ({len(r['pairs'])}"
-                     f"{'' if len(shown) == len(r['pairs']) else f', first {len(shown)} shown'})</h2>")
-        if not shown:
-            parts.append("<p>No near-duplicates found.</p>")
-        for p in shown:
-            ev = _thumb_b64(es.image(row_of[p["eval_id"]]))
-            dt = dataset_thumbs.get(p["dataset_key"])
-            dimg = f"<img src='data:image/png;base64,{dt}'>" if dt else "<i>(not kept)</i>"
-            parts.append(
-                f"<div class='pair'><img src='data:image/png;base64,{ev}'>{dimg}<br>eval {esc(p['eval_id'])} | "
-                f"{esc(p['dataset_key'])}<br>d={p['distance']} {esc(p['variant'])} gncc={p['gncc']:.2f}</div>")
+
+        def eval_thumb(ex_id, es=es, row_of=row_of):
+            return tid(f"e{name}", ex_id, lambda: _thumb_b64(es.image(row_of[ex_id])))
+
+        def data_thumb(key):
+            return tid("d", key, lambda: dataset_thumbs.get(key))
+
+        rows = []
+        for p in r["pairs"]:
+            with_img = n_shown < MAX_THUMB_PAIRS
+            n_shown += with_img
+            f2 = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+            cos = "n/a" if p["desc_cos"] is None else f"{p['desc_cos']:.3f}"
+            label = (f"eval {esc(p['eval_id'])} | {esc(p['dataset_key'])}<br>found by <b>{p['found_by']}</b>, "
+                     f"accepted by {p['verified_by']}<br>pHash d={p['distance'] if p['distance'] >= 0 else '-'} "
+                     f"cos={cos} ncc={f2(p['ncc'])} gncc={f2(p['gncc'])}<br>{esc(p['variant'])}")
+            rows.append([eval_thumb(p["eval_id"]) if with_img else -1,
+                         data_thumb(p["dataset_key"]) if with_img else -1, label])
+        sections[f"pairs{si}"] = rows
+        near = []
+        for p in r.get("nearest_unflagged", []):
+            near.append([eval_thumb(p["eval_id"]), data_thumb(p["dataset_key"]),
+                         f"eval {esc(p['eval_id'])} | {esc(str(p['dataset_key']))}<br>nearest by descriptor: "
+                         f"cos={p['desc_cos']:.3f}{' (mirror)' if p['mirror'] else ''}<br><i>not flagged</i>"])
+        sections[f"near{si}"] = near
+        for sid, title in ((f"pairs{si}", f"{esc(name)}: matched pairs ({len(rows)}; left evaluation image, "
+                                          f"right dataset image)"),
+                           (f"near{si}", f"{esc(name)}: nearest unflagged pairs by descriptor ({len(near)}, most "
+                                         f"similar first): check these to trust a clean verdict")):
+            parts.append(f"<h2>{title}</h2><div><button onclick=\"go('{sid}',-1)\">previous</button>"
+                         f"<span id='{sid}-nav'></span><button onclick=\"go('{sid}',1)\">next</button></div>"
+                         f"<div id='{sid}'></div>")
+    if n_shown >= MAX_THUMB_PAIRS:
+        parts.append(f"<p>Thumbnails for the first {MAX_THUMB_PAIRS} pairs only; report.json lists every pair.</p>")
     if report.get("errors"):
         parts.append(f"<h2>Problems ({len(report['errors'])})</h2><ul>")
         parts.extend(f"<li>{esc(e)}</li>" for e in report["errors"][:500])
         parts.append("</ul>")
+    data = json.dumps({k: {"rows": v, "page": 0} for k, v in sections.items()})
+    parts.append(f"<script>const PAGE={PAGE};const THUMBS={json.dumps(thumbs)};const SECTIONS={data};{_JS}</script>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="clipline audit", description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clipline audit", description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--dataset", required=True, help="shard dir / tar glob / parquet / folder:PATH / eval-set spec")
     ap.add_argument("--eval-set", action="append", required=True, dest="eval_sets")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--checkpoint")
+    ap.add_argument("--out", required=True, help="output directory (local or s3://)")
+    ap.add_argument("--checkpoint", help="trained run directory: adds the All/Clean/Overlap zero-shot statistics")
     ap.add_argument("--radius", type=int)
     ap.add_argument("--min-ncc", type=float)
     ap.add_argument("--min-gncc", type=float)
-    a = ap.parse_args(argv)
+    ap.add_argument("--desc-candidate", type=float, help="descriptor cosine of a candidate (default: calibrated)")
+    ap.add_argument("--desc-margin", type=float, help="margin over the query's 10th most similar (default: "
+                                                      "calibrated)")
+    ap.add_argument("--no-descriptor", action="store_true", help="hash variants only (the pre-descriptor detector)")
+    return ap
+
+
+def main(argv: list[str] | None = None, predict: Callable[[str, object], Sequence[tuple]] | None = None) -> int:
+    """``predict(checkpoint, eval_set)`` -> [(eval_id, predicted, label)] is supplied by ``flows.audit.main``
+    (torch code stays out of the data plane)."""
+    a = parser().parse_args(argv)
+    predictions = (lambda es: predict(a.checkpoint, es)) if (a.checkpoint and predict) else None
     try:
-        report = run_audit(a.dataset, a.eval_sets, a.out, a.checkpoint, radius=a.radius, min_ncc=a.min_ncc,
-                           min_gncc=a.min_gncc)
-    except (DatasetError, EvalSetSpecError) as exc:
-        print(f"audit: {exc}", file=sys.stderr)
+        report = run_audit(a.dataset, a.eval_sets, a.out, a.checkpoint, predictions=predictions,
+                           detector=DetectorConfig(descriptor=not a.no_descriptor), radius=a.radius,
+                           min_ncc=a.min_ncc, min_gncc=a.min_gncc, desc_candidate=a.desc_candidate,
+                           desc_margin=a.desc_margin)
+    except (DatasetError, EvalSetSpecError, ClipError) as exc:
+        print(f"audit: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     for name, r in report["eval_sets"].items():
         print(f"{name}: {r['n_overlap']} / {r['n_eval']} evaluation examples overlap ({100 * r['overlap_rate']:.2f}%)")

@@ -1,4 +1,5 @@
-"""Labelled copy transforms that web re-uploads apply (resize, JPEG, crop, mirror, rotate, pad, recolour, grey, banner).
+"""Labelled copy transforms that web re-uploads apply (resize, JPEG, crop, mirror, rotate, pad, recolour, grey, banner,
+small shifts, stronger colour shifts, re-crops scaled back to size).
 
 Used to plant known near-duplicates in the quality benchmark and the tests, and as the synthetic augmentations the
 optional near-duplicate embedding is trained on (CLIP appendix C). Every transform takes an RGB PIL image and a
@@ -96,6 +97,45 @@ def banner(img, rng):
     return big
 
 
+def shift(img, rng):
+    """Translate by 1..4 px at 32 px (scaled with the image side; the larger offset is at least 1 px), the vacated
+    border filled by reflection or edge pixels: how two crops of one larger photo a few pixels apart look."""
+    w, h = img.size
+    k = max(w, h) / 32.0
+    while True:
+        dx, dy = (int(v) for v in rng.integers(-4, 5, 2))
+        if max(abs(dx), abs(dy)) >= 1:
+            break
+    dx, dy = int(round(dx * k)), int(round(dy * k))
+    a = np.asarray(img)
+    mode = "reflect" if rng.random() < 0.5 else "edge"
+    pad = np.pad(a, ((abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)), mode=mode)
+    y0, x0 = abs(dy) - dy, abs(dx) - dx
+    return Image.fromarray(np.ascontiguousarray(pad[y0:y0 + h, x0:x0 + w]))
+
+
+def colour_shift(img, rng):
+    """White balance (per-channel gains 0.7..1.3), hue rotation up to +-40 degrees, saturation x0.4..1.6 and
+    gamma 0.7..1.4: a re-coloured copy (filters, other colour profile)."""
+    a = np.asarray(img, dtype=np.float32) * rng.uniform(0.7, 1.3, 3)
+    a = 255.0 * (np.clip(a, 0, 255) / 255.0) ** rng.uniform(0.7, 1.4)
+    out = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+    out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.4, 1.6)))
+    hsv = np.asarray(out.convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(int) + int(rng.integers(-28, 29))) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def recrop(img, rng):
+    """Keep 70..100% of each side (independently: the aspect changes) at a random place, scaled back to the
+    original size: the same photo cropped differently, as small datasets' near-duplicates often are."""
+    w, h = img.size
+    fw, fh = rng.uniform(0.70, 1.0), rng.uniform(0.70, 1.0)
+    cw, ch = max(4, round(w * fw)), max(4, round(h * fh))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return img.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.Resampling.BICUBIC)
+
+
 TRANSFORMS: dict[str, Transform] = {
     "resize": resize,
     "jpeg": jpeg,
@@ -106,6 +146,9 @@ TRANSFORMS: dict[str, Transform] = {
     "colour": colour,
     "grayscale": grayscale,
     "banner": banner,
+    "shift": shift,
+    "colour_shift": colour_shift,
+    "recrop": recrop,
 }
 
 

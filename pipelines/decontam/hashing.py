@@ -19,8 +19,9 @@ RESAMPLE = Image.Resampling.LANCZOS
 PHASH_SIZE = 32  # hash_size 8 x highfreq_factor 4
 
 
-def open_for_hash(data: bytes, min_side: int = PHASH_SIZE) -> Image.Image:
-    """Decode image bytes for hashing; JPEGs decode at a reduced DCT scale (>= ``min_side`` px), greyscale.
+def open_for_hash(data: bytes, min_side: int = PHASH_SIZE, mode: str = "L") -> Image.Image:
+    """Decode image bytes for hashing; JPEGs decode at a reduced DCT scale (>= ``min_side`` px), in ``mode``
+    (greyscale by default; "RGB" keeps colour).
 
     ``Image.draft`` lets libjpeg skip most of the IDCT work (1/2, 1/4, 1/8 scale), which is most of the decode cost
     for web-sized images. The resulting hash can differ from a full decode in a few bits (measured in
@@ -28,7 +29,7 @@ def open_for_hash(data: bytes, min_side: int = PHASH_SIZE) -> Image.Image:
     """
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG":
-        img.draft("L", (min_side, min_side))
+        img.draft(mode, (min_side, min_side))
     img.load()
     return img
 

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
+from pipelines.core import storage
+from pipelines.core.errors import ClipError
+
 NET_FORMAT = 1
+
+
+class LearnedNetError(ClipError, ValueError):
+    """A near-duplicate net file that cannot be used, or training data of the wrong shape."""
 
 
 @dataclass(frozen=True)
@@ -166,21 +172,21 @@ class NearDupEmbedder:
         return self.embed_thumbs(thumbs_of(images))
 
     def save(self, path: str) -> None:
-        """One .npz (weights + config), written to a temporary name and renamed."""
-        tmp = f"{path}.tmp.npz"
+        """One .npz (weights + config), written whole through :mod:`storage` (local or s3://)."""
         meta = {"format": NET_FORMAT, "config": asdict(self.cfg)}
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **{f"w/{k}": v for k, v in self.state.items()})
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), **{f"w/{k}": v for k, v in self.state.items()})
+        storage.write_bytes_atomic(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str) -> "NearDupEmbedder":
         try:
-            z = np.load(path, allow_pickle=False)
+            z = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
             meta = json.loads(str(z["meta"]))
         except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: not a near-duplicate net written by NearDupEmbedder.save ({exc})") from None
+            raise LearnedNetError(f"{path}: not a near-duplicate net written by NearDupEmbedder.save ({exc})") from None
         if meta.get("format") != NET_FORMAT:
-            raise ValueError(f"{path}: near-duplicate net format {meta.get('format')} != {NET_FORMAT}; retrain it")
+            raise LearnedNetError(f"{path}: near-duplicate net format {meta.get('format')} != {NET_FORMAT}; retrain it")
         state = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
         return cls(LearnedConfig(**meta["config"]), state)
 
@@ -194,7 +200,7 @@ def train_embedder(thumbs: np.ndarray, cfg: LearnedConfig | None = None, log=Non
     cfg = cfg or LearnedConfig()
     thumbs = np.asarray(thumbs, dtype=np.uint8)
     if thumbs.ndim != 3 or thumbs.shape[1:] != (64, 64) or len(thumbs) < 2:
-        raise ValueError(f"train_embedder: expected (N >= 2, 64, 64) uint8 thumbnails, got {thumbs.shape}")
+        raise LearnedNetError(f"train_embedder: expected (N >= 2, 64, 64) uint8 thumbnails, got {thumbs.shape}")
     torch = _torch()
     F = torch.nn.functional
     prev_threads = torch.get_num_threads()

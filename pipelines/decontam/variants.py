@@ -74,22 +74,40 @@ def apply_variant(img: Image.Image, v: Variant, box=None) -> Image.Image:
                      max(round(y1 * h), round(y0 * h) + 1)))
 
 
-def trim_border(img: Image.Image, tol: int = 12, min_frac: float = 0.02) -> Image.Image:
-    """Crop away a solid border (padding, letterbox, frame): rows/columns where almost nothing differs from the
-    border colour (the median of the outermost pixels) by more than ``tol`` grey levels."""
+def border_box(img: Image.Image, tol: int = 12, min_frac: float = 0.02) -> tuple[int, int, int, int] | None:
+    """The pixel box :func:`trim_border` keeps, or None when it keeps the image whole."""
     a = np.asarray(img.convert("L"), dtype=np.int16)
     if a.shape[0] < 4 or a.shape[1] < 4:
-        return img
+        return None
     edge = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     differs = np.abs(a - np.median(edge)) > tol
     rows = np.flatnonzero(differs.mean(axis=1) > min_frac)
     cols = np.flatnonzero(differs.mean(axis=0) > min_frac)
     if len(rows) == 0 or len(cols) == 0:
-        return img  # uniform image: nothing to trim to
+        return None  # uniform image: nothing to trim to
     box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     if (box[2] - box[0]) < a.shape[1] * 0.3 or (box[3] - box[1]) < a.shape[0] * 0.3:
-        return img  # the "content" would be a small blob: not a border, keep the image whole
-    return img.crop(box)
+        return None  # the "content" would be a small blob: not a border, keep the image whole
+    return box
+
+
+def trim_border(img: Image.Image, tol: int = 12, min_frac: float = 0.02) -> Image.Image:
+    """Crop away a solid border (padding, letterbox, frame): rows/columns where almost nothing differs from the
+    border colour (the median of the outermost pixels) by more than ``tol`` grey levels."""
+    box = border_box(img, tol, min_frac)
+    return img if box is None else img.crop(box)
+
+
+def variant_region(img: Image.Image, index: int) -> tuple[float, float, float, float]:
+    """The region of ``img`` (relative coordinates) that query variant ``index`` (:data:`QUERY_VARIANTS`) shows."""
+    if index == 0:
+        return (0.0, 0.0, 1.0, 1.0)
+    w, h = img.size
+    box = border_box(img)
+    tx0, ty0, tx1, ty1 = (0.0, 0.0, 1.0, 1.0) if box is None else (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
+    vx0, vy0, vx1, vy1 = QUERY_VARIANTS[index].box
+    tw, th = tx1 - tx0, ty1 - ty0
+    return (tx0 + vx0 * tw, ty0 + vy0 * th, tx0 + vx1 * tw, ty0 + vy1 * th)
 
 
 def query_variants(img: Image.Image) -> list[Image.Image]:

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipelines.core.config import Config, check
+from pipelines.decontam.align import block_agreement
 from pipelines.decontam.variants import Variant
 
 
 @dataclass(frozen=True)
-class VerifyConfig:
+class VerifyConfig(Config):
     size: int = 24  # side of the compared grey patches
     min_ncc: float = 0.85  # grey-level correlation after alignment
     min_gncc: float = 0.75  # gradient correlation after alignment (the discriminative part)
@@ -25,6 +27,17 @@ class VerifyConfig:
     min_grad: float = 4.0  # mean absolute gradient a patch needs
     refine_step: float = 0.03  # local search step, relative to the image side
     refine_steps: int = 1  # +-steps in x, y and scale
+    min_blocks: float = 0.6  # local agreement of the compared patches (align.block_agreement)
+
+    def __post_init__(self):
+        check(isinstance(self.size, int) and 8 <= self.size <= 128, "verify_cfg.size", "expected an integer 8..128")
+        for name in ("min_ncc", "min_gncc"):
+            check(-1.0 <= getattr(self, name) <= 1.0, f"verify_cfg.{name}", "expected a correlation in -1..1")
+        check(self.min_std >= 0 and self.min_grad >= 0, "verify_cfg.min_std/min_grad", "expected >= 0")
+        check(0 < self.refine_step <= 0.25, "verify_cfg.refine_step", "expected 0 < step <= 0.25")
+        check(isinstance(self.refine_steps, int) and 0 <= self.refine_steps <= 5, "verify_cfg.refine_steps",
+              "expected an integer 0..5")
+        check(0.0 <= self.min_blocks <= 1.0, "verify_cfg.min_blocks", "expected a fraction 0..1")
 
 
 def patch(img: Image.Image, size: int, box_px=None) -> np.ndarray:
@@ -71,22 +84,29 @@ def _boxes(v: Variant, w: int, h: int, cfg: VerifyConfig) -> list[tuple[float, f
     return out
 
 
-def aligned_scores(eval_grey: Image.Image, v: Variant, query_patch: np.ndarray, cfg: VerifyConfig):
+def aligned_scores(eval_grey: Image.Image, v: Variant, query_patch: np.ndarray, cfg: VerifyConfig,
+                   with_box: bool = False):
     """Best (ncc, gncc, eval patch) of ``query_patch`` against the eval region ``v`` names, over local
-    re-alignments (the alignment maximising gncc + ncc / 2)."""
+    re-alignments (the alignment maximising gncc + ncc / 2); ``with_box``: and that region, relative to the
+    (mirrored, rotated) evaluation image."""
     img = ImageOps.mirror(eval_grey) if v.mirror else eval_grey
     if v.angle:
         img = img.rotate(v.angle, resample=Image.Resampling.BICUBIC)
     w, h = img.size
-    cands = np.stack([patch(img, cfg.size, b) for b in _boxes(v, w, h, cfg)])
+    boxes = _boxes(v, w, h, cfg)
+    cands = np.stack([patch(img, cfg.size, b) for b in boxes])
     q = query_patch.reshape(-1)
     c = ncc(cands.reshape(len(cands), -1), q[None, :])
     g = ncc(gradients(cands), gradients(query_patch)[None, :])
     best = int(np.argmax(g + 0.5 * c))
+    if with_box:
+        x0, y0, x1, y1 = boxes[best]
+        return float(c[best]), float(g[best]), cands[best], (x0 / w, y0 / h, x1 / w, y1 / h)
     return float(c[best]), float(g[best]), cands[best]
 
 
 def passes(ncc_value: float, gncc_value: float, eval_patch: np.ndarray, query_patch: np.ndarray,
            cfg: VerifyConfig) -> bool:
     return (ncc_value >= cfg.min_ncc and gncc_value >= cfg.min_gncc
-            and has_structure(eval_patch, cfg) and has_structure(query_patch, cfg))
+            and has_structure(eval_patch, cfg) and has_structure(query_patch, cfg)
+            and block_agreement(eval_patch, query_patch) >= cfg.min_blocks)

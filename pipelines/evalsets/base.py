@@ -62,12 +62,13 @@ class EvalSet:
 
 
 def decode_image(data: bytes, *, where: str) -> Image.Image:
-    """Decode image bytes fully (so truncated files fail here, not later); raise ValueError naming ``where``."""
+    """Decode image bytes fully (so truncated files fail here, not later); raise EvalSetSpecError (a ValueError)
+    naming ``where``."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
-        raise ValueError(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from None
+        raise EvalSetSpecError(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from None
     return img
 
 
