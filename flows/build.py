@@ -70,7 +70,7 @@ def plan_stages(cfg: BuildConfig, *, progress=None) -> list[Stage]:
     ]
     drops = [j(p["decontam"], "drop.parquet")]  # what the stages after the pool leave out, in order
     if cfg.clip_filter is not None:
-        from pipelines.clipscore.stage import ClipScoreStage
+        from clip_train.filter_stage import ClipScoreStage
 
         stages.append(ClipScoreStage(cfg.clip_filter, {"pool": p["pool"], "exclude": list(drops)}, p["clip_score"],
                                      rejected=j(p["rejected"], "clip_score.parquet"), beam_args=beam))

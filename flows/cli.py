@@ -352,7 +352,7 @@ def _preflight(cfg) -> None:
         for spec in cfg.decontam.eval_sets:
             _run_user(parse_spec, spec)
     if cfg.clip_filter is not None:
-        from pipelines.clipscore.stage import checkpoint_fingerprint
+        from clip_train.filter_stage import checkpoint_fingerprint
 
         _run_user(checkpoint_fingerprint, cfg.clip_filter.checkpoint)
 

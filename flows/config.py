@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.balance.stage import BalanceConfig
-from pipelines.clipscore.stage import ClipScoreConfig
+from clip_train.filter_stage import ClipScoreConfig
 from pipelines.core import storage
 from pipelines.core.beam import resolve_runner
 from pipelines.core.config import Config, check, merge

@@ -41,7 +41,7 @@ def _random_run(run: Path, captions: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def filtered(synth_build, synth_web_small, tmp_path_factory):
     from flows.build import build_dataset
-    from pipelines.clipscore.stage import ClipScoreConfig
+    from clip_train.filter_stage import ClipScoreConfig
 
     out_ref, _ = synth_build
     tmp = tmp_path_factory.mktemp("clipfilter")
@@ -89,7 +89,7 @@ def test_filter_accounting_and_rule(filtered, synth_web_small):
 
 def test_a_new_rule_refilters_and_reuses_the_stages_before(filtered, synth_web_small):
     from flows.build import build_dataset
-    from pipelines.clipscore.stage import ClipScoreConfig
+    from clip_train.filter_stage import ClipScoreConfig
 
     out, first, run = filtered
     stricter = synth_build_config(synth_web_small, out).replace(

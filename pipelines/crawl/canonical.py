@@ -11,11 +11,12 @@ so memory does not grow with the shard. Within a sample the members keep their o
 """
 from __future__ import annotations
 
-import os
 import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines.core import storage
 
 
 def _sample_key(name: str) -> str:
@@ -29,14 +30,17 @@ def put_in_key_order(tar_path: str, parquet_path: str, image_ext: str) -> None:
         members = src.getmembers()
     order = sorted(range(len(members)), key=lambda i: (_sample_key(members[i].name), i))
     offsets: dict[str, tuple[int, int]] = {}
-    tmp = tar_path + ".ordered"
-    with open(tar_path, "rb") as raw, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as dst:
-        for i in order:
-            m = members[i]
-            raw.seek(m.offset_data)
-            dst.addfile(m, _Slice(raw, m.size))
-            if m.name.endswith("." + image_ext):  # its data ends the written part, padded to a block
-                offsets[_sample_key(m.name)] = (dst.offset - _padded(m.size), m.size)
+
+    def fill(out) -> None:
+        with open(tar_path, "rb") as raw, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
+            for i in order:
+                m = members[i]
+                raw.seek(m.offset_data)
+                dst.addfile(m, _Slice(raw, m.size))
+                if m.name.endswith("." + image_ext):  # its data ends the written part, padded to a block
+                    offsets[_sample_key(m.name)] = (dst.offset - _padded(m.size), m.size)
+
+    storage.write_stream_atomic(tar_path, fill)  # the new tar replaces the staged one whole
     table = pq.read_table(parquet_path)
     if "key" in table.column_names and table.num_rows:
         table = table.take(pa.array(sorted(range(table.num_rows), key=table.column("key").to_pylist().__getitem__)))
@@ -49,9 +53,7 @@ def put_in_key_order(tar_path: str, parquet_path: str, image_ext: str) -> None:
                                      pa.array([f[0] if f else None for f in found], table.schema.field(i_off).type))
             table = table.set_column(i_size, table.schema.field(i_size),
                                      pa.array([f[1] if f else None for f in found], table.schema.field(i_size).type))
-    pq.write_table(table, parquet_path + ".ordered")
-    os.replace(tmp, tar_path)
-    os.replace(parquet_path + ".ordered", parquet_path)
+    storage.write_table(parquet_path, table)
 
 
 class _Slice:
