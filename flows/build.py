@@ -118,11 +118,18 @@ def build_manifest(cfg: BuildConfig, results: list[StageResult]) -> dict:
         "balance": {"t": balance.details["t"], "seed": balance.details["seed"],
                     "target_size": balance.details["target_size"], "input_rows": balance.input_rows,
                     "kept": balance.kept},
-        "entry_counts": {"before": balance.details["counts_before"], "after": balance.details["counts_after"]},
+        "entry_counts": {"matched": _entry_counts(curate.outputs["entry_counts"]),
+                         "before": balance.details["counts_before"], "after": balance.details["counts_after"]},
         "shards": [{k: s[k] for k in ("name", "n", "tar_sha256", "parquet_sha256")} for s in shard.details["shards"]],
         "samples_per_shard": cfg.shard.samples_per_shard,
         "tools": tool_versions(),
     }
+
+
+def _entry_counts(uri: str) -> dict[str, int]:
+    """{entry_id: pairs} of an entry-counts Parquet (entries with a match only)."""
+    t = storage.read_table(uri)
+    return {str(int(e)): int(c) for e, c in zip(t.column("entry_id").to_pylist(), t.column("count").to_pylist()) if c}
 
 
 @task(name="write_manifest", cache_policy=NO_CACHE, persist_result=False)

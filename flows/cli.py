@@ -374,9 +374,24 @@ def print_build_summary(summary: dict) -> None:
     console.print("rejected: " + ", ".join(f"{k} {v:,}" for k, v in by_reason))
     console.print(f"input rows {funnel['input_rows']:,} = {funnel['kept']:,} in shards + "
                   f"{sum(funnel['rejected'].values()):,} rejected")
+    _print_balancing(console, summary["manifest"])
     root = summary["shards_dir"].rsplit("/", 1)[0]
     console.print(f"{summary['n_shards']} shard(s) in {summary['shards_dir']}/; manifest {summary['manifest']}; "
                   f"rejected rows in {root}/rejected/")
+
+
+def _print_balancing(console, manifest_uri: str) -> None:
+    """One line: the share of head and tail entries' matches that reached the shards (MetaCLIP's flattening)."""
+    from flows.report.html import head_tail_kept
+    from pipelines.core import storage
+
+    m = storage.read_json(manifest_uri)
+    counts, t = m.get("entry_counts", {}), m.get("balance", {}).get("t")
+    if not t or not counts.get("matched"):
+        return
+    parts = [f"{name.split()[0]} ({n:,} entries) {b:,} matches -> {a:,} published ({100 * a / b:.1f}%)"
+             for name, n, b, a in head_tail_kept(counts["matched"], counts["after"], float(t))]
+    console.print(f"balancing t = {float(t):g}: " + "; ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------- audit, train, eval
@@ -439,7 +454,8 @@ def synthweb(out: Path = typer.Option(..., "--out", help="Directory of the synth
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the demo writes everything."),
          n_pairs: int = typer.Option(4000, help="Pairs in the synthetic web."),
-         t: float = typer.Option(150, "--t", help="Balancing threshold (small web, small t)."),
+         t: float = typer.Option(10, "--t", help="Balancing threshold t: the demo web matches ~2,000 pairs to "
+                                                  "~150 entries, so t = 10 cuts the head entries and keeps the tail."),
          samples_per_shard: int = typer.Option(500), seed: int = typer.Option(0),
          steps: int = typer.Option(400, help="Training steps of the tiny CLIP (0: build only)."),
          batch_size: int = typer.Option(64, help="Training batch size.")):

@@ -8,7 +8,8 @@ A JSON document, not a table; this module is its versioned description and valid
 - ``tools``: versions (python, clipline, apache-beam, img2dataset, pyarrow, imagehash, ...).
 - ``funnel``: ``{"input_rows": n, "kept": n, "stages": {stage: {"in", "out"}}, "rejected": {"stage:reason": n}}``;
   valid only when input_rows == kept + sum(rejected).
-- ``entry_counts``: ``{"before": {entry_id: n}, "after": {entry_id: n}}`` around the second balancing pass.
+- ``entry_counts``: ``{"before": {entry_id: n}, "after": {entry_id: n}}`` around the second balancing pass, and
+  (builds since the balancing report) ``"matched"``: every matched candidate's counts before curation's balancing.
 - ``shards``: ``[{"name", "n", "tar_sha256", "parquet_sha256"}]`` and ``samples_per_shard``.
 """
 from __future__ import annotations

@@ -37,6 +37,7 @@ def _manifest() -> dict:
     kept = 700 - sum(rejected.values())
     before = {str(e): c for e, c in enumerate([980, 420, 150, 77, 31, 8, 3, 1, 1])}
     after = {str(e): c for e, c in enumerate([120, 118, 97, 64, 31, 8, 3, 1, 0])}
+    matched = {str(e): c for e, c in enumerate([2000, 900, 300, 120, 40, 9, 3, 1, 1, 5])}
     doc = {
         "schema": manifest_schema.NAME, "version": manifest_schema.VERSION,
         "lineage": {"inputs": [{"uri": "/data/raw.parquet", "sha256": "ab" * 32}],
@@ -53,7 +54,7 @@ def _manifest() -> dict:
                    "balance": {"t": 250.0, "entries_matched": 9}},
         "decontam": {"n_dropped": 41, "pool_ok": 460, "matches": 44, "matches_per_eval_set": {"cifar10": 44}},
         "balance": {"t": 125.0, "seed": 7, "target_size": None, "input_rows": 419, "kept": kept},
-        "entry_counts": {"before": before, "after": after},
+        "entry_counts": {"matched": matched, "before": before, "after": after},
         "shards": [{"name": "00000.tar", "n": 300, "tar_sha256": "0", "parquet_sha256": "1"},
                    {"name": "00001.tar", "n": kept - 300, "tar_sha256": "2", "parquet_sha256": "3"}],
         "samples_per_shard": 300,
@@ -132,8 +133,16 @@ def test_full_report_has_every_section_plot_and_number(tmp_path, artifacts):
     assert "t = 125" in body
     assert "<td>00001.tar</td>" in body and f"<td class=\"num\">{m['shards'][1]['n']}</td>" in body
     # entries with a match before/after (a 0 count is not an entry with a match) and the largest counts
-    assert "<td>before</td><td class=\"num\">9</td><td class=\"num\">1,671</td><td class=\"num\">980</td>" in body
-    assert "<td>after</td><td class=\"num\">8</td><td class=\"num\">442</td><td class=\"num\">120</td>" in body
+    assert ("<td>matched (before curation&#x27;s balancing)</td><td class=\"num\">10</td><td class=\"num\">3,379</td>"
+            "<td class=\"num\">2,000</td>") in body
+    assert ("<td>pool before the second pass</td><td class=\"num\">9</td><td class=\"num\">1,671</td>"
+            "<td class=\"num\">980</td>") in body
+    assert "<td>published</td><td class=\"num\">8</td><td class=\"num\">442</td><td class=\"num\">120</td>" in body
+    # head (matched count >= t = 125): entries 0-2, 3,200 matched, 335 published; tail: 7 entries, 179 -> 107
+    assert ("<td>head (count &gt;= t)</td><td class=\"num\">3</td><td class=\"num\">3,200</td>"
+            "<td class=\"num\">335</td><td class=\"num\">10.5%</td>") in body
+    assert ("<td>tail (count &lt; t)</td><td class=\"num\">7</td><td class=\"num\">179</td>"
+            "<td class=\"num\">107</td><td class=\"num\">59.8%</td>") in body
 
     # Contamination: overlap table, statistics, link to the audit's HTML (relative), the pair's thumbnails
     body = page[page.index('<section id="contamination">'):page.index('<section id="training">')]

@@ -151,14 +151,16 @@ def build_section(build_dir: str) -> str:
 
 def _entry_counts_html(uri: str, m: dict) -> str:
     counts = m.get("entry_counts")
-    out = ["<h3>Entry counts before and after the second balancing pass</h3>"]
+    out = ["<h3>Entry counts: what balancing did</h3>"]
     if not isinstance(counts, dict) or not isinstance(counts.get("before"), dict) \
             or not isinstance(counts.get("after"), dict):
         return "\n".join(out + [_note(f"{uri}: entry_counts needs 'before' and 'after' objects")])
-    before, after = sorted_counts(counts["before"]), sorted_counts(counts["after"])
+    matched = counts.get("matched") if isinstance(counts.get("matched"), dict) else {}
     t = num(obj(m.get("balance")).get("t"))
+    series = ([("matched (before curation's balancing)", sorted_counts(matched))] if matched else []) + [
+        ("pool before the second pass", sorted_counts(counts["before"])), ("published", sorted_counts(counts["after"]))]
     rows = []
-    for label, pos in (("before", before), ("after", after)):
+    for label, pos in series:
         over = "n/a" if t is None else f"{sum(1 for c in pos if c > t):,}"
         rows.append((label, f"{len(pos):,}", f"{sum(pos):,}", f"{pos[0]:,}" if pos else "0", over))
     out.append(_table(["", "entries with a match", "entry matches", "largest count",
@@ -166,9 +168,29 @@ def _entry_counts_html(uri: str, m: dict) -> str:
                       [False, True, True, True, True]))
     if t is not None:
         out.append(f"<p>Balancing threshold t = {_h(f'{t:g}')}.</p>")
-    if before or after:
-        out.append(plots.entry_counts_plot(before, after, t))
+        split = head_tail_kept(matched or counts["before"], counts["after"], t)
+        if split:
+            out.append(_table(["entries", "entries", "matches before", "published", "share published"],
+                              [(name, f"{n:,}", f"{b:,}", f"{a:,}", f"{100 * a / b:.1f}%" if b else "n/a")
+                               for name, n, b, a in split], [False, True, True, True, True]))
+            out.append("<p>MetaCLIP's point: an entry matched by more than t pairs keeps about t of them, an entry "
+                       "under t keeps all of its pairs that survive the crawl and filters; the tail's share below "
+                       "100% is download failures, duplicates and decontamination, not balancing.</p>")
+    if any(pos for _, pos in series):
+        out.append(plots.entry_counts_plot(series, t))
     return "\n".join(out)
+
+
+def head_tail_kept(before: dict, after: dict, t: float) -> list[tuple[str, int, int, int]]:
+    """[(name, entries, matches before, matches published)] for head entries (before count >= t) and the tail."""
+    groups = {"head (count >= t)": [0, 0, 0], "tail (count < t)": [0, 0, 0]}
+    for e, b in before.items():
+        if num(b) is None or b <= 0:
+            continue
+        g = groups["head (count >= t)" if b >= t else "tail (count < t)"]
+        a = num(after.get(e)) or 0
+        g[0], g[1], g[2] = g[0] + 1, g[1] + int(b), g[2] + int(a)
+    return [(name, *vals) for name, vals in groups.items() if vals[0]]
 
 
 # ------------------------------------------------------------------------------------------------ contamination
