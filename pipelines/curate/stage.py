@@ -17,6 +17,7 @@ on the inputs and parameters, never on the runner or the number of workers.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import logging
@@ -136,14 +137,18 @@ class _SpillFn(beam.DoFn):
         self.tmp, self.dedup = tmp, dedup
 
     def process(self, batch):
-        if self.dedup == "none":
-            # No dedup, so no barrier before language ID: the batch goes on as it is (no spill file written and
-            # read back); IdentifyLanguage takes a PairBatch as well as a BatchRef.
-            yield batch
-            return
-        for item in S.dedup_keys(batch, N_DEDUP_BUCKETS):
-            yield beam.pvalue.TaggedOutput("dedup_keys", item)
-        yield _spill(batch, self.tmp, "matched")
+        yield from spill_matched(batch, self.tmp, self.dedup)
+
+
+def spill_matched(batch: S.PairBatch, tmp: str, dedup: str):
+    if dedup == "none":
+        # No dedup, so no barrier before language ID: the batch goes on as it is (no spill file written and
+        # read back); IdentifyLanguage takes a PairBatch as well as a BatchRef.
+        yield batch
+        return
+    for item in S.dedup_keys(batch, N_DEDUP_BUCKETS):
+        yield beam.pvalue.TaggedOutput("dedup_keys", item)
+    yield _spill(batch, tmp, "matched")
 
 
 class SpillMatched(beam.PTransform):
@@ -200,7 +205,9 @@ class _LanguageFn(beam.DoFn):
         ref, losers = ref_losers
         batch = ref if isinstance(ref, S.PairBatch) else _unspill(ref, self.tmp, "matched")  # PairBatch: dedup none
         batch = S.apply_dedup(batch, losers)
-        batch = S.language_batch(batch, self.identifier, self.params)
+        if batch.lang is None:
+            batch = S.detect_language(batch, self.identifier)
+        batch = S.filter_language(batch, self.params)  # identified already when the batch came from the file cache
         yield beam.pvalue.TaggedOutput("counts", S.partial_counts(batch))
         if self.params.target_size is not None:
             yield beam.pvalue.TaggedOutput("sample", S.sample_keys(batch, self.params.seed))
@@ -371,6 +378,7 @@ class CurateStage(Stage):
     """
 
     name = "curate"
+    file_cache: str | None = None  # per-input-file results (pipelines.curate.file_cache); set for dataset versions
 
     def __init__(self, config: S.CurateParams | None, inputs, output: str, *, rejected: str | None = None,
                  beam_args=(), url_col: str = "url", caption_col: str = "caption", fmt: str | None = None,
@@ -417,12 +425,28 @@ class CurateStage(Stage):
         tmp = storage.join(out, "_tmp", fingerprint[:16])
         tmp_stats = storage.join(tmp, "stats.json")
         options = make_options(runner=self.runner, workers=self.workers, extra=self.beam_args)
+        cache_dir = None
+        if self.file_cache:
+            from pipelines.curate import file_cache
+
+            cache_dir = storage.join(self.file_cache, file_cache.namespace(params, qlist.content_hash,
+                                                                           self.read_options))
+            log.info("curate: %d of %d input files from the per-file cache", file_cache.cached_files(cache_dir, files),
+                     len(files))
         with beam.Pipeline(options=options) as p:
-            read = p | "ReadRawPairs" >> ReadRawPairs(files, params.batch_rows)
-            matched = (read.batches
-                       | "FilterRecords" >> FilterRecords(params)
-                       | "MatchEntries" >> MatchEntries(querylist, len(qlist))
-                       | "SpillMatched" >> SpillMatched(tmp, params.dedup))
+            if cache_dir:
+                read = matched = (p | "Files" >> beam.Create(files) | "Spread" >> beam.Reshuffle()
+                                  | "ReadMatchCached" >> MultiOutput(
+                                      file_cache.ReadMatchCachedFn(params, querylist, len(qlist), cache_dir,
+                                                                   functools.partial(spill_matched, tmp=tmp,
+                                                                                     dedup=params.dedup)),
+                                      ["dedup_keys", "files"], main="refs"))
+            else:
+                read = p | "ReadRawPairs" >> ReadRawPairs(files, params.batch_rows)
+                matched = (read.batches
+                           | "FilterRecords" >> FilterRecords(params)
+                           | "MatchEntries" >> MatchEntries(querylist, len(qlist))
+                           | "SpillMatched" >> SpillMatched(tmp, params.dedup))
             live = (matched.refs
                     | "DedupPairs" >> DedupPairs(params.dedup, matched.dedup_keys)
                     | "IdentifyLanguage" >> IdentifyLanguage(params, tmp))

@@ -423,7 +423,8 @@ def apply_dedup(batch: PairBatch, losers: Iterable[tuple[int, str]]) -> PairBatc
 # ---------------------------------------------------------------------------------------------- language
 
 
-def language_batch(batch: PairBatch, identifier, params: CurateParams) -> PairBatch:
+def detect_language(batch: PairBatch, identifier) -> PairBatch:
+    """Set ``lang`` / ``lang_score`` of every live row (no row is dropped here)."""
     t0 = time.perf_counter()
     if hasattr(identifier, "detect_arrow"):
         langs, scores, methods = identifier.detect_arrow(batch.captions)
@@ -433,14 +434,24 @@ def language_batch(batch: PairBatch, identifier, params: CurateParams) -> PairBa
     batch.lang = pa.array(langs, pa.string())
     batch.lang_score = pa.array(scores, pa.float32())
     batch.lang_method.update(methods)
+    batch.seconds["language"] += time.perf_counter() - t0
+    return batch
+
+
+def filter_language(batch: PairBatch, params: CurateParams) -> PairBatch:
+    """Drop rows whose detected language is not allowed or whose score is too low (``lang`` must be set)."""
     allowed = set(params.langs)
     min_score = params.min_lang_score
+    langs, scores = batch.lang.to_pylist(), batch.lang_score.to_pylist()
     reasons = [F.WRONG_LANGUAGE if allowed and lang not in allowed else F.LOW_LANG_SCORE if score < min_score
                else None for lang, score in zip(langs, scores)]
     if any(reasons):
         batch.keep_only([r is None for r in reasons], reasons)
-    batch.seconds["language"] += time.perf_counter() - t0
     return batch
+
+
+def language_batch(batch: PairBatch, identifier, params: CurateParams) -> PairBatch:
+    return filter_language(detect_language(batch, identifier), params)
 
 
 # ---------------------------------------------------------------------------------------------- counting

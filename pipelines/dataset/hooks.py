@@ -48,6 +48,10 @@ class DatasetHooks(Config):
         return storage.join(self.root, "decontam_cache")
 
     @property
+    def curate_cache(self) -> str:
+        return storage.join(self.root, "curate_cache")
+
+    @property
     def fetch_dir(self) -> str:
         return storage.join(self.root, "work", "fetch")
 
@@ -68,5 +72,7 @@ def apply_hooks(stages: list, hooks: DatasetHooks) -> list:
                                     log_file=getattr(stage, "log_file", None))
         elif stage.name == "decontam":  # images matched by an earlier version are not matched again
             stage.cache = hooks.decontam_cache
+        elif stage.name == "curate":  # input files curated by an earlier version are not read again
+            stage.file_cache = hooks.curate_cache
         out.append(stage)
     return out

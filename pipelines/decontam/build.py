@@ -155,8 +155,16 @@ class DecontamStage(Stage):
         bad = {u for u in hits if known[sha_of[u]][0]}
         if len(hits) < len(sha_of):
             with tempfile.TemporaryDirectory(prefix="clipline-index-") as tmp:  # built locally, published whole
-                build_index(list(cfg.eval_sets), os.path.join(tmp, "index.npz"))
-                storage.write_file_atomic(index_uri, os.path.join(tmp, "index.npz"))
+                local = os.path.join(tmp, "index.npz")
+                if cache is not None and storage.exists(cache.index_uri):
+                    # same namespace = same evaluation sets, detector and code: the same index
+                    with open(local, "wb") as f:
+                        f.write(storage.read_bytes(cache.index_uri))
+                else:
+                    build_index(list(cfg.eval_sets), local)
+                    if cache is not None:
+                        storage.write_file_atomic(cache.index_uri, local)
+                storage.write_file_atomic(index_uri, local)
             parts = map_pool_chunks(files, _MatchChunk(index_uri, dict(cfg.detector)), summary_uri=summary_uri,
                                     beam_args=self.beam_args, chunk_rows=CHUNK, exclude=hits)
             new = [m for part in parts for m in part["matches"]]

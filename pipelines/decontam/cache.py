@@ -8,6 +8,7 @@ as one new Parquet part; an image's result is the same whether it came from the 
 with a warm cache writes exactly the bytes of one without.
 
     CACHE/<namespace>/part-<hash of the part's sha256s>.parquet    sha256, unreadable, matches (JSON list)
+    CACHE/<namespace>/index.npz                                    the evaluation-set index (built once)
 
 Parts are written whole (temp + rename locally, one PUT on S3); a killed build leaves either a complete part or
 none. One writer per cache at a time (the version flow holds the root).
@@ -27,6 +28,7 @@ SCHEMA = pa.schema([("sha256", pa.string()), ("unreadable", pa.bool_()), ("match
 class DecontamCache:
     def __init__(self, uri: str, namespace: str):
         self.dir = storage.join(uri, namespace)
+        self.index_uri = storage.join(self.dir, "index.npz")
 
     def load(self) -> dict[str, tuple[bool, list[dict]]]:
         """sha256 -> (unreadable, matches without pool_key) for every image recorded under this namespace."""
