@@ -167,3 +167,22 @@ def test_transient_faults_give_identical_bytes(faulty_s3_endpoint, monkeypatch, 
     assert all(n >= 1 for n in faulty_s3_endpoint.faults.values()), faulty_s3_endpoint.faults
     assert set(faulty_s3_endpoint.effects) == {"InternalError", "SlowDown", "dropped", "truncated"}, \
         faulty_s3_endpoint.effects
+
+
+def test_copy_local_links_and_replaces_whole(tmp_path):
+    src, dst = tmp_path / "a" / "x.bin", tmp_path / "b" / "c" / "x.bin"
+    storage.write_bytes_atomic(str(src), b"v1")
+    storage.write_bytes_atomic(str(dst), b"old")
+    storage.copy(str(src), str(dst))
+    assert dst.read_bytes() == b"v1" and os.stat(src).st_ino == os.stat(dst).st_ino  # a link: no bytes copied
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["x.bin"]  # no temporary left behind
+
+
+def test_copy_between_s3_and_local(s3_bucket, tmp_path):
+    storage.write_bytes_atomic(f"{s3_bucket}/c/a.bin", b"abc")
+    storage.copy(f"{s3_bucket}/c/a.bin", f"{s3_bucket}/d/a.bin")  # server side
+    storage.copy(f"{s3_bucket}/d/a.bin", str(tmp_path / "a.bin"))
+    storage.copy(str(tmp_path / "a.bin"), f"{s3_bucket}/e/a.bin")
+    assert storage.read_bytes(f"{s3_bucket}/e/a.bin") == b"abc"
+    with pytest.raises(StorageError, match=f"{s3_bucket}/missing.bin"):
+        storage.copy(f"{s3_bucket}/missing.bin", f"{s3_bucket}/f/a.bin")

@@ -211,28 +211,8 @@ def state_key(cfg, takedown_fingerprint: str) -> tuple[str, dict]:
 
 
 def copy_file(src: str, dst: str) -> None:
-    """Copy one file whole: a hard link locally (a rename makes it appear), a server-side copy on S3."""
-    if storage.is_s3(src) and storage.is_s3(dst):
-        sb, sk = storage.split_s3(src)
-        db, dk = storage.split_s3(dst)
-        storage.s3_client().copy({"Bucket": sb, "Key": sk}, db, dk)
-        return
-    if not storage.is_s3(src) and not storage.is_s3(dst):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.{os.getpid()}.link"
-        try:
-            os.link(src, tmp)
-            os.replace(tmp, dst)
-            return
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-    if storage.is_s3(src):
-        storage.write_bytes_atomic(dst, storage.read_bytes(src))
-    else:
-        storage.write_file_atomic(dst, src)
+    """Copy one file of a version whole (:func:`storage.copy`: a hard link locally, a server-side copy on S3)."""
+    storage.copy(src, dst)
 
 
 def staged_files(staging: str, manifest: dict) -> list[str]:
