@@ -18,7 +18,7 @@ from pipelines.core import reasons, storage
 from pipelines.core.config import Config, check
 from pipelines.core.stage import Stage, StageResult
 from pipelines.images.stage import pipeline_options, pool_files, read_rows, write_rows
-from pipelines.images.transforms import OK, REJECTED, Rebalance
+from pipelines.balance.transforms import OK, REJECTED, Rebalance
 from schemas import entry_counts as entry_counts_schema
 from schemas import rejected as rejected_schema
 

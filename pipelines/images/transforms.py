@@ -1,6 +1,6 @@
-"""Beam composite transforms of the images stage: read the crawl, check images, exact and near dedup, rebalance.
+"""Beam composite transforms of the images stage: read the crawl, check images, exact and near dedup.
 
-Each transform wraps pure functions (``checks``, ``near_dedup``, ``pipelines.balance.metaclip``, the batched hashes of
+Each transform wraps pure functions (``checks``, ``near_dedup``, the batched hashes of
 ``pipelines.images.fast_hash``). Records are dicts shaped like ``schemas.sample`` rows (plus ``image`` bytes until
 the checks drop them). Transforms that reject return a tagged result with ``ok`` and ``rejected`` outputs, and a
 rejected row always carries ``stage`` and ``reason``, so the funnel adds up.
@@ -10,17 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam import pvalue
 
-from pipelines.balance import metaclip as balance
 from pipelines.images import checks, fast_hash, near_dedup
 from pipelines.images.crawl_reader import crawl_shards, final_outcomes, read_crawl_shard, read_image
 
 OK, REJECTED = "ok", "rejected"
 
 
-def _reject(rec: dict, stage: str, reason: str, *, status: str = "rejected", duplicate_of: str | None = None) -> dict:
+def reject_row(rec: dict, stage: str, reason: str, *, status: str = "rejected", duplicate_of: str | None = None) -> dict:
+    """A record as a rejected row (no image bytes) with its stage and reason: every transform's REJECTED output."""
     out = {k: v for k, v in rec.items() if k != "image"}
     out.update(status=status, stage=stage, reason=reason, duplicate_of=duplicate_of)
     return out
@@ -60,15 +59,15 @@ class _CheckBatch(beam.DoFn):
         outcome and row as decoding it again, since the crawl ran the same inspection and hashes."""
         rec = {k: v for k, v in rec.items() if k not in ("image", "crawl_hashes")}
         if h["img_error"]:
-            return pvalue.TaggedOutput(REJECTED, _reject(rec, "images", h["img_error"]))
+            return pvalue.TaggedOutput(REJECTED, reject_row(rec, "images", h["img_error"]))
         width, height = int(h["img_width"]), int(h["img_height"])
         if width * height > self.max_pixels:
-            return pvalue.TaggedOutput(REJECTED, _reject(rec, "images", checks.TOO_LARGE))
+            return pvalue.TaggedOutput(REJECTED, reject_row(rec, "images", checks.TOO_LARGE))
         w = rec.get("original_width") or width
         h_ = rec.get("original_height") or height
         for reason in (checks.check_size(w, h_, self.min_side), checks.check_aspect(w, h_, self.max_aspect)):
             if reason:
-                return pvalue.TaggedOutput(REJECTED, _reject(rec, "images", reason))
+                return pvalue.TaggedOutput(REJECTED, reject_row(rec, "images", reason))
         rec.update(sha256=h["img_sha256"], width=width, height=height, original_width=w, original_height=h_,
                    status="ok", stage=None, reason=None, duplicate_of=None, phash=int(h["phash"]),
                    dhash=int(h["dhash"]))
@@ -82,7 +81,7 @@ class _CheckBatch(beam.DoFn):
                 from pipelines.crawl.reasons import normalise_reason
 
                 reason = normalise_reason(rec.get("error_message") or rec.get("status"))
-                yield pvalue.TaggedOutput(REJECTED, _reject(rec, "crawl", reason[:300], status="failed"))
+                yield pvalue.TaggedOutput(REJECTED, reject_row(rec, "crawl", reason[:300], status="failed"))
                 continue
             hashes = rec.get("crawl_hashes")
             if hashes is not None:
@@ -92,19 +91,19 @@ class _CheckBatch(beam.DoFn):
                 rec = {k: v for k, v in rec.items() if k != "crawl_hashes"}
                 rec["image"] = read_image(rec)  # another decode was asked for: read the published bytes
             if rec.get("image") is None:
-                yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", checks.MISSING_IMAGE))
+                yield pvalue.TaggedOutput(REJECTED, reject_row(rec, "images", checks.MISSING_IMAGE))
                 continue
             info = checks.inspect_image(rec["image"], max_pixels=self.max_pixels, decode=self.decode,
                                         hash_side=fast_hash.REDUCED_MIN_SIDE)
             if info.error:
-                yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", info.error))
+                yield pvalue.TaggedOutput(REJECTED, reject_row(rec, "images", info.error))
                 continue
             # Size and shape are judged on the image as published (img2dataset may have resized or padded it).
             w = rec.get("original_width") or info.width
             h = rec.get("original_height") or info.height
             for reason in (checks.check_size(w, h, self.min_side), checks.check_aspect(w, h, self.max_aspect)):
                 if reason:
-                    yield pvalue.TaggedOutput(REJECTED, _reject(rec, "images", reason))
+                    yield pvalue.TaggedOutput(REJECTED, reject_row(rec, "images", reason))
                     break
             else:
                 row = {k: v for k, v in rec.items() if k != "image"}
@@ -151,7 +150,7 @@ def _keep_smallest_uid(item):
     rows = sorted(rows, key=lambda r: r["uid"])
     yield rows[0]
     for r in rows[1:]:
-        yield pvalue.TaggedOutput(REJECTED, _reject(r, "dedup", checks.EXACT_DUP, duplicate_of=rows[0]["uid"]))
+        yield pvalue.TaggedOutput(REJECTED, reject_row(r, "dedup", checks.EXACT_DUP, duplicate_of=rows[0]["uid"]))
 
 
 class ExactDedup(beam.PTransform):
@@ -169,7 +168,7 @@ def _apply_roots(item):
     rows, roots = list(grouped["row"]), list(grouped["root"])
     for row in rows:
         if roots:
-            yield pvalue.TaggedOutput(REJECTED, _reject(row, "dedup", checks.NEAR_DUP, duplicate_of=roots[0]))
+            yield pvalue.TaggedOutput(REJECTED, reject_row(row, "dedup", checks.NEAR_DUP, duplicate_of=roots[0]))
         else:
             yield row
 
@@ -200,64 +199,3 @@ class NearDedup(beam.PTransform):
         return ({"row": keyed, "root": roots}
                 | "JoinRoots" >> beam.CoGroupByKey()
                 | "Decide" >> beam.FlatMap(_apply_roots).with_outputs(REJECTED, main=OK))
-
-
-def _entry_lists(rows):
-    return [list(r["entry_ids"]) for r in rows]
-
-
-def _dense_counts(counts: dict) -> np.ndarray:
-    """Entry counts as an array indexed by entry id (balance.solve_t evaluates over arrays)."""
-    dense = np.zeros(max(counts, default=-1) + 1, dtype=np.int64)
-    for e, c in counts.items():
-        dense[int(e)] = int(c)
-    return dense
-
-
-def _solve_t(rows, counts, target):
-    return float(balance.solve_t(_entry_lists(rows), _dense_counts(counts), target))
-
-
-class Rebalance(beam.PTransform):
-    """MetaCLIP's balancing redone on the surviving pool: recount entries, keep with 1 - prod(1 - p_e).
-
-    The counts come from a Beam combine over the pool that actually survived; ``t`` is given, or solved with
-    :func:`pipelines.balance.solve_t` so the expected kept count reaches ``target_size``. The draw depends only on
-    (seed, uid). Outputs: ``ok`` kept rows, ``rejected`` rows (reason ``not_sampled``), ``counts_before``
-    and ``counts_after`` ((entry_id, count) pairs) and ``t`` (a singleton).
-    """
-
-    def __init__(self, t: float | None = None, target_size: int | None = None, seed: int = 0):
-        super().__init__()
-        if (t is None) == (target_size is None):
-            raise ValueError("Rebalance: give exactly one of t or target_size")
-        self.t, self.target_size, self.seed = t, target_size, seed
-
-    def expand(self, rows):
-        counts_before = (rows
-                         | "EntriesBefore" >> beam.FlatMap(lambda r: list(r["entry_ids"]))
-                         | "CountBefore" >> beam.combiners.Count.PerElement())
-        counts_dict = beam.pvalue.AsDict(counts_before)
-        if self.t is not None:
-            t_value = rows.pipeline | "GivenT" >> beam.Create([float(self.t)])
-        else:
-            target = self.target_size
-            t_value = (rows
-                       | "AllEntryLists" >> beam.combiners.ToList()
-                       | "SolveT" >> beam.Map(_solve_t, counts_dict, target))
-        seed = self.seed
-
-        def decide(row, counts, t):
-            p = balance.keep_probability(row["entry_ids"], counts, t)
-            if balance.is_kept(seed, row["uid"], p):
-                yield row
-            else:
-                yield pvalue.TaggedOutput(REJECTED, _reject(row, "balance", "not_sampled"))
-
-        decided = rows | "Draw" >> beam.FlatMap(decide, counts_dict, beam.pvalue.AsSingleton(t_value)).with_outputs(
-            REJECTED, main=OK)
-        counts_after = (decided[OK]
-                        | "EntriesAfter" >> beam.FlatMap(lambda r: list(r["entry_ids"]))
-                        | "CountAfter" >> beam.combiners.Count.PerElement())
-        return {OK: decided[OK], REJECTED: decided[REJECTED], "counts_before": counts_before,
-                "counts_after": counts_after, "t": t_value}
