@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.core import storage
+
 pytestmark = pytest.mark.slow
 
 T0 = "2025-03-01T00:00:00Z"
@@ -76,13 +78,19 @@ def life(prefect_server, synth_web_small, tmp_path_factory):
     server.reset_hits()
     r1 = build_version(str(root), cfg, as_of=T0)
     hits1 = _hit_paths(server)
+    curated1 = _curated_files(root)
     pq.write_table(pairs.slice(N_OLD, N_ROWS - N_OLD), inputs / "part-3.parquet")
     server.reset_hits()
     r2 = build_version(str(root), cfg, as_of=T_2H)
     hits2 = _hit_paths(server)
     return {"web": web, "server": server, "base": base, "inputs": inputs, "root": root, "cfg": cfg,
             "old_urls": pairs.slice(0, N_OLD).column("url").to_pylist(), "r1": r1, "r2": r2,
-            "hits1": hits1, "hits2": hits2}
+            "hits1": hits1, "hits2": hits2, "curated1": curated1, "curated2": _curated_files(root)}
+
+
+def _curated_files(root: Path) -> dict[str, int]:
+    """The per-file curation cache's complete entries (file sha256 -> mtime of the entry's last file)."""
+    return {p.parent.name: p.stat().st_mtime_ns for p in (root / "curate_cache").glob("*/*/_DONE.json")}
 
 
 def test_v2_requests_only_new_urls_and_equals_a_from_scratch_build(life):
@@ -108,6 +116,10 @@ def test_v2_requests_only_new_urls_and_equals_a_from_scratch_build(life):
     cached = pa.concat_tables([pq.read_table(p) for p in sorted((root / "decontam_cache").rglob("part-*.parquet"))])
     assert cached.num_rows == len(set(cached.column("sha256").to_pylist())) == act1["matched_now"] + act2["matched_now"]
     assert [i["uri"] for i in m2["lineage"]["inputs"]] == sorted(str(p) for p in life["inputs"].glob("*.parquet"))
+    # curation read only the new file: v1's three entries untouched, one new entry (the 4th file's content hash)
+    c1, c2 = life["curated1"], life["curated2"]
+    assert len(c1) == 3 and {k: c2[k] for k in c1} == c1
+    assert set(c2) - set(c1) == {storage.sha256_of(str(life["inputs"] / "part-3.parquet"))}
 
     # from scratch, at the same path (the incremental root moved aside): same shards, same manifest
     incremental = root.with_name("root-incremental")
