@@ -35,28 +35,10 @@ querylist_app = typer.Typer(help="Build and inspect query lists (the metadata en
                             no_args_is_help=True)
 app.add_typer(querylist_app, name="querylist")
 
+from flows.cli_errors import fail as _fail, run_user as _run_user  # noqa: E402
 from flows.cli_model import register as register_model_commands  # noqa: E402 - export, score
 
 register_model_commands(app)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.core.errors import ClipError
-
-    return (ClipError,)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(code)
-
-
-def _run_user(fn, *args, **kwargs):
-    """Call fn; a user-facing error becomes a one-line message and exit code 2."""
-    try:
-        return fn(*args, **kwargs)
-    except _user_errors() as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 # ---------------------------------------------------------------------------------------------- querylist

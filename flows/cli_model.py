@@ -10,19 +10,7 @@ from typing import Optional
 
 import typer
 
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(2)
-
-
-def _run_user(fn, *args, **kwargs):
-    from pipelines.core.errors import ClipError
-
-    try:
-        return fn(*args, **kwargs)
-    except ClipError as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+from flows.cli_errors import run_user as _run_user
 
 
 def export(

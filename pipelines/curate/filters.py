@@ -13,26 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+# Reasons (stable names: stats.json and rejected/*.parquet use them), from the one vocabulary of every stage.
+from pipelines.core.reasons import (BAD_URL_HOST, BAD_URL_SCHEME, DUPLICATE_URL, DUPLICATE_URL_CAPTION,  # noqa: F401
+                                    EMPTY_CAPTION, INVALID_TEXT, INVALID_UTF8, LOW_LANG_SCORE, MALFORMED_RECORD,
+                                    MISSING_URL, NO_MATCH, NOT_SAMPLED, TOO_FEW_CHARS, TOO_FEW_WORDS, TOO_LONG,
+                                    WRONG_LANGUAGE)
+
 if TYPE_CHECKING:
     import numpy as np
-
-# Reasons (stable names: stats.json and rejected/*.parquet use them).
-EMPTY_CAPTION = "empty_caption"
-INVALID_TEXT = "invalid_text"
-INVALID_UTF8 = "invalid_utf8"
-MALFORMED_RECORD = "malformed_record"
-TOO_FEW_WORDS = "too_few_words"
-TOO_FEW_CHARS = "too_few_chars"
-TOO_LONG = "too_long"
-MISSING_URL = "missing_url"
-BAD_URL_SCHEME = "bad_url_scheme"
-BAD_URL_HOST = "bad_url_host"
-NO_MATCH = "no_match"
-DUPLICATE_URL = "duplicate_url"
-DUPLICATE_URL_CAPTION = "duplicate_url_caption"
-WRONG_LANGUAGE = "wrong_language"
-LOW_LANG_SCORE = "low_lang_score"
-NOT_SAMPLED = "not_sampled"
 
 
 _HOST_LABELS = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?")
