@@ -173,9 +173,11 @@ def _entry_counts_html(uri: str, m: dict) -> str:
             out.append(_table(["entries", "entries", "matches before", "published", "share published"],
                               [(name, f"{n:,}", f"{b:,}", f"{a:,}", f"{100 * a / b:.1f}%" if b else "n/a")
                                for name, n, b, a in split], [False, True, True, True, True]))
-            out.append("<p>MetaCLIP's point: an entry matched by more than t pairs keeps about t of them, an entry "
-                       "under t keeps all of its pairs that survive the crawl and filters; the tail's share below "
-                       "100% is download failures, duplicates and decontamination, not balancing.</p>")
+            out.append("<p>MetaCLIP's draw keeps a pair with probability 1 - &prod;(1 - min(1, t / c<sub>e</sub>)) "
+                       "over the entries e it matches: a pair that matches any entry under t is always kept, a pair "
+                       "whose entries are all frequent is cut. A head entry keeps more than t pairs when its pairs "
+                       "also match rarer entries. The tail's share below 100% is download failures, duplicates and "
+                       "decontamination, not balancing.</p>")
     if any(pos for _, pos in series):
         out.append(plots.entry_counts_plot(series, t))
     return "\n".join(out)
