@@ -186,3 +186,16 @@ def test_copy_between_s3_and_local(s3_bucket, tmp_path):
     assert storage.read_bytes(f"{s3_bucket}/e/a.bin") == b"abc"
     with pytest.raises(StorageError, match=f"{s3_bucket}/missing.bin"):
         storage.copy(f"{s3_bucket}/missing.bin", f"{s3_bucket}/f/a.bin")
+
+
+def test_sha256_of_sees_a_rewritten_file(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"a" * 100)
+    first = storage.sha256_of(str(p))
+    assert storage.sha256_of(str(p)) == first  # remembered
+    storage.write_bytes_atomic(str(p), b"b" * 100)  # same size, new inode
+    assert storage.sha256_of(str(p)) != first
+    with open(p, "r+b") as f:  # in place: same inode and size, new modification time
+        f.write(b"c")
+    os.utime(p, ns=(1, 2))
+    assert storage.sha256_of(str(p)) == __import__("hashlib").sha256(p.read_bytes()).hexdigest()

@@ -452,13 +452,31 @@ def size_of(uri: str) -> int:
         raise StorageError(f"{uri}: no such file") from None
 
 
+_LOCAL_SHA256: dict[tuple, str] = {}  # (path, device, inode, size, mtime, ctime) -> digest, per process
+
+
 def sha256_of(uri: str, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, streamed."""
+    """Hex sha256 of a file's bytes, streamed. A local file's digest is remembered for this process while its inode,
+    size and change times stay the same (a stage's fingerprint, its lineage and the curation cache all ask)."""
+    key = None
+    if not is_s3(uri):
+        try:
+            st = os.stat(uri)
+            key = (os.path.abspath(uri), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            key = None
+        if key in _LOCAL_SHA256:
+            return _LOCAL_SHA256[key]
     h = hashlib.sha256()
     with open_read(uri) as f:
         while chunk := f.read(chunk_size):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if key is not None:
+        if len(_LOCAL_SHA256) > 100_000:
+            _LOCAL_SHA256.clear()
+        _LOCAL_SHA256[key] = digest
+    return digest
 
 
 # --------------------------------------------------------------------------------------------------------- writes
