@@ -79,3 +79,17 @@ def test_synthweb_benchmark_scores_a_small_web(tmp_path):
     assert res["copies"] >= 4 and res["found"] == res["copies"]
     assert sum(v["n"] for v in res["per_transform"].values()) == res["copies"]
     assert 0 <= len(res["false"]) < res["pool"]  # look-alike drops are bounded by the build test (dedup first)
+
+
+def test_rival_check_rejects_an_alignment_no_closer_than_the_eval_sets_own_look_alike():
+    """DetectorConfig.rival_k (opt-in): a pool image that aligns with an evaluation image no better than another
+    evaluation image does is not a copy; near-exact copies are never subject to it."""
+    a = plain_shape(colour=(30, 120, 40), centre=(0.45, 0.55))
+    b = plain_shape(colour=(30, 120, 40), centre=(0.5, 0.5))  # the same kind of drawing elsewhere: a rival
+    index = EvalIndex.build([("s", "a", a), ("s", "b", b)])
+    on = DetectorConfig(rival_k=5)
+    assert [m.eval_id for m in find_matches(index, [("copy", jpeg(a, 40))], on)] == ["a"]  # near-exact
+    assert DetectorConfig().rival_k == 0
+    rival = index.rival_gncc(0, on)
+    assert rival == index.rival_gncc(0, on)  # cached, deterministic
+    assert -1.0 <= rival <= 1.0
