@@ -51,6 +51,12 @@ class AlignConfig(Config):
     min_gncc: float = 0.75
     min_std: float = 10.0  # structure a patch needs (grey levels 0..255), as verify.VerifyConfig
     min_grad: float = 4.0
+    # Near-exact pairs (as verify.VerifyConfig.exact_*): a plain shape on a smooth background has the contrast of
+    # an identifiable image but few edges (mean gradient 2.8-3.9 on the synthetic web's held-out images); when
+    # grey levels and gradients agree this closely, half the edge density is enough.
+    exact_ncc: float = 0.99
+    exact_gncc: float = 0.97
+    exact_min_grad: float = 2.0
     # Local agreement (:func:`block_agreement`): the fraction of the 4 x 4 blocks with structure on either side
     # whose grey levels correlate >= 0.6. A copy agrees everywhere it overlaps its source; a look-alike of the
     # same silhouette (a drawn shape of one kind and colour at the same place) agrees on the outline and not on
@@ -94,9 +100,12 @@ class Alignment:
     structured: bool  # both sides have enough contrast and edges to be told apart from look-alikes
     blocks: float = 1.0  # local agreement (:func:`block_agreement`)
     rows: tuple[float, float] = (0.0, 1.0)  # the query rows compared (relative): all, or all but a caption banner
+    texture: tuple[float, float] = (0.0, 0.0)  # (grey std, mean gradient) of the weaker side
 
     def passes(self, cfg: AlignConfig) -> bool:
-        return (self.structured and self.ncc >= cfg.min_ncc and self.gncc >= cfg.min_gncc
+        structured = self.structured or (self.ncc >= cfg.exact_ncc and self.gncc >= cfg.exact_gncc
+                                         and self.texture[0] >= cfg.min_std and self.texture[1] >= cfg.exact_min_grad)
+        return (structured and self.ncc >= cfg.min_ncc and self.gncc >= cfg.min_gncc
                 and self.blocks >= cfg.min_blocks)
 
     def describe(self) -> str:
@@ -201,6 +210,16 @@ def _hyps(scales_x, scales_y, cx, cy) -> np.ndarray:
     """Hypotheses (sx, sy, tx, ty) from frame sizes and frame centres (relative to the evaluation image)."""
     sx, sy = np.asarray(scales_x, np.float32), np.asarray(scales_y, np.float32)
     return np.stack([sx, sy, np.asarray(cx, np.float32) - sx / 2, np.asarray(cy, np.float32) - sy / 2], 1)
+
+
+def _texture(p: np.ndarray, m: np.ndarray) -> tuple[float, float]:
+    """(grey std, mean absolute gradient) of the valid samples of a grid."""
+    v = p[m]
+    if v.size < 16:
+        return 0.0, 0.0
+    gx = np.abs(p[:, 1:] - p[:, :-1])[m[:, 1:] & m[:, :-1]]
+    gy = np.abs(p[1:, :] - p[:-1, :])[m[1:, :] & m[:-1, :]]
+    return float(v.std()), (float(np.concatenate([gx, gy]).mean()) if gx.size + gy.size else 0.0)
 
 
 def _structured(p: np.ndarray, m: np.ndarray, cfg: AlignConfig) -> bool:
@@ -318,10 +337,11 @@ def align(ev: tuple[np.ndarray, np.ndarray], q: tuple[np.ndarray, np.ndarray], c
     if ov < cfg.min_overlap:
         return Alignment(-1.0, -1.0, ov, (1.0, 1.0), (0.0, 0.0), False, 0.0)
     structured = _structured(vals, mask, cfg) and _structured(qf, mask, cfg)
+    (se, ge), (sq, gq) = _texture(vals, mask), _texture(qf, mask)
     sx, sy, tx, ty = (float(v) for v in h)
     return Alignment(round(c, 4), round(g, 4), round(ov, 3), (round(sx, 3), round(sy, 3)),
                      (round(tx + sx / 2 - 0.5, 4), round(ty + sy / 2 - 0.5, 4)), structured, round(blocks, 3),
-                     (round(kept[0], 4), round(kept[1], 4)))
+                     (round(kept[0], 4), round(kept[1], 4)), (round(min(se, sq), 2), round(min(ge, gq), 2)))
 
 
 BANNER_INK = 25.0  # grey levels from the fill that count as a glyph's ink
