@@ -62,11 +62,6 @@ def test_reencoded_copy_of_a_plain_shape_is_found_and_a_moved_look_alike_is_not(
     assert list(find_matches(index, [("other", other)])) == []
 
 
-def test_hue_limit_is_lifted_only_for_grey_identical_pairs():
-    cfg = DetectorConfig()
-    assert (cfg.hue_free_ncc, cfg.hue_free_gncc) == (0.997, 0.99)
-
-
 def test_synthweb_benchmark_scores_a_small_web(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import dedup_synthweb  # noqa: PLC0415
