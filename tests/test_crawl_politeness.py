@@ -199,3 +199,101 @@ def test_every_url_ends_once(rps):
     items = urls("a", 7) + urls("b", 3) + ["not a url"]
     results, _ = run(items, web, PolitenessSettings(connections=1, rps=rps and 100.0), threads=3)
     assert sorted(results) == sorted(items)
+
+
+def test_spread_hosts_gives_every_shard_its_fair_share_of_each_host():
+    from collections import Counter
+
+    from pipelines.crawl.politeness import spread_hosts
+
+    # uid order puts a host's URLs into shards by chance; here the worst case: each host's URLs in one block
+    items = urls("big", 60, "b") + urls("mid", 30, "m") + urls("one", 1, "o")
+    items += [f"http://h{i}/x.jpg" for i in range(29)]
+    order = spread_hosts(items)
+    assert sorted(order) == list(range(len(items)))
+    assert order == spread_hosts(items)  # deterministic
+    spread = [items[i] for i in order]
+    for shard in range(4):  # 120 URLs in shards of 30: big 15 +- 1, mid 7.5 +- 1 per shard
+        counts = Counter(host_key(u) for u in spread[30 * shard:30 * (shard + 1)])
+        assert 14 <= counts["http://big:80"] <= 16, counts
+        assert 6 <= counts["http://mid:80"] <= 9, counts
+    for h, prefix in (("big", "b"), ("mid", "m")):  # a host's URLs keep their order
+        mine = [u for u in spread if u.startswith(f"http://{h}/")]
+        assert mine == urls(h, 60 if h == "big" else 30, prefix)
+
+
+class FakeClock:
+    """politeness's clock, moved by the test (starts ahead of the real one: host states stamp it at creation)."""
+
+    def __init__(self):
+        self.now = time.monotonic() + 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+class SleeplessCondition:
+    """A condition variable for one thread on a fake clock: waiting moves the clock by the timeout."""
+
+    def __init__(self, clock: FakeClock):
+        self.clock, self.lock = clock, threading.RLock()
+
+    def __enter__(self):
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+    def wait(self, timeout=None):
+        assert timeout is not None, "a single thread would wait for ever"
+        self.clock.now += timeout
+
+    def notify(self, n=1):
+        pass
+
+    def notify_all(self):
+        pass
+
+
+def test_the_host_with_most_urls_left_is_served_whenever_its_token_allows(monkeypatch):
+    import pipelines.crawl.politeness as P
+
+    clock = FakeClock()
+    monkeypatch.setattr(P, "time", clock)
+    # One thread, requests of 0.01 s, 5 requests/s per host. A host with 12 URLs among 30 hosts with 4: the shard
+    # lasts at least as long as the big host needs (11 x 0.2 s), so each of its tokens must be used at once.
+    # Round-robin served it once per turn of the 31 hosts (0.31 s) while the others had URLs left.
+    items = [u for i in range(4) for h in range(30) for u in urls(f"h{h}", 4)[i:i + 1]] + urls("big", 12, "b")
+    politeness = Politeness(PolitenessSettings(connections=2, rps=5.0))
+    politeness.cond = SleeplessCondition(clock)
+    sched = ShardScheduler(politeness, list(enumerate(items)), respect_robots=False)
+    served: dict[str, list[float]] = defaultdict(list)
+    while (task := sched.take()) is not None:
+        served[task.host].append(clock.now)
+        clock.now += 0.01
+        sched.finish(task, reason=None, http_status=200)
+    assert sum(len(v) for v in served.values()) == len(items)
+    big = served["http://big:80"]
+    gaps = [b - a for a, b in zip(big, big[1:])]
+    assert max(gaps) <= 0.2 + 0.01 + 1e-6, gaps  # at most one request late
+    assert big[-1] - big[0] <= 11 * 0.21
+    for h, times in served.items():  # and no host faster than its token bucket allows
+        assert all(b - a >= 0.2 - 1e-6 for a, b in zip(times, times[1:])), (h, times)
+
+
+def test_a_host_at_its_connection_limit_waits_and_is_served_again_when_one_ends(monkeypatch):
+    import pipelines.crawl.politeness as P
+
+    clock = FakeClock()
+    monkeypatch.setattr(P, "time", clock)
+    sched = ShardScheduler(Politeness(PolitenessSettings(connections=2, rps=None)),
+                           list(enumerate(urls("a", 4) + urls("b", 1))), respect_robots=False)
+    first, second = sched.take(), sched.take()
+    assert (first.host, second.host) == ("http://a:80", "http://a:80")
+    third = sched.take()  # a has 2 in flight: b, although a has more URLs left
+    assert third.host == "http://b:80"
+    sched.finish(first, reason=None, http_status=200)
+    assert sched.take().host == "http://a:80"  # the slot that came free goes to a again
+    sched.finish(second, reason="http_5xx", http_status=500, retry=True)  # a retry goes back to the front
+    task = sched.take()
+    assert task.host == "http://a:80" and task.url == second.url

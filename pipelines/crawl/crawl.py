@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pipelines.core import storage
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.engine import ProgressHook, run_round, staging_root
+from pipelines.crawl.politeness import spread_hosts
 from pipelines.crawl.reasons import RETRYABLE_REASONS
 from pipelines.crawl.results import crawl_outcome, shard_stats
 from pipelines.crawl.rounds import (META_DIR, CrawlError, CrawlIncompleteError, RoundInfo, crawl_shard_files,
@@ -98,11 +99,20 @@ def read_candidates(candidates) -> pa.Table:
 
 
 def _url_list(table: pa.Table, prior_timeouts: list[int] | None = None) -> pa.Table:
+    """A round's URL list: ``table``'s rows (in uid order) with each host's URLs spread evenly over the list, so
+    that every shard holds its fair share of each host (``politeness.spread_hosts``)."""
     cols = ["url", "caption"] + [c for c in CARRIED_COLUMNS if c in table.column_names]
     out = table.select(cols).replace_schema_metadata(None)
     if prior_timeouts is not None:
         out = out.append_column("prior_timeouts", pa.array(prior_timeouts, pa.int32()))
-    return out
+    return out.take(pa.array(spread_hosts(out.column("url").to_pylist()), pa.int64()))
+
+
+def _same_rows(a: pa.Table, b: pa.Table) -> bool:
+    """The same rows in any order (a URL list written in uid order by an earlier version, resumed as it is)."""
+    if a.schema != b.schema or a.num_rows != b.num_rows or "uid" not in a.column_names:
+        return False
+    return a.sort_by("uid").equals(b.sort_by("uid"))
 
 
 def _check_or_save_config(crawl_dir: str, round_no: int, config: CrawlConfig) -> None:
@@ -131,7 +141,9 @@ def _prepare_round(crawl_dir: str, round_no: int, url_list: pa.Table, config: Cr
     exists = storage.exists(input_uri)
     if exists:
         existing = storage.read_table(input_uri)
-        if not existing.equals(url_list):
+        # The list is fixed once written (its shards refer to its order): the same rows in another order (an
+        # earlier version wrote uid order) are resumed as they are.
+        if not existing.equals(url_list) and not _same_rows(existing, url_list):
             raise CrawlError(f"{crawl_dir}: round {round_no} was started with a different URL list "
                              f"({input_uri}: {existing.num_rows} rows, now {url_list.num_rows}; "
                              f"{_describe_difference(existing, url_list)}); use a new crawl directory for other "
