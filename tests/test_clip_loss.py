@@ -67,6 +67,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
             loss.backward()
             results[mode] = (float(loss), local_img.grad.clone(), local_txt.grad.clone())
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still runs a collective (a CI run aborted)
     finally:
         dist.destroy_process_group()
 
