@@ -95,8 +95,9 @@ class ReadMatchCachedFn(beam.DoFn):
         if meta["uri"] != inp.uri and rejected.num_rows:  # the same bytes under another name: sources name it
             src = pc.utf8_replace_slice(rejected.column("source"), 0, len(meta["uri"]), inp.uri)
             rejected = rejected.set_column(rejected.schema.get_field_index("source"), "source", src)
-        ref = S.BatchRef(f"{inp.index:05d}-{b['start']:012d}", inp.uri, b["rows_read"], b["seconds"],
-                         b["lang_method"])
+        # no step ran now: the batch's step seconds are 0 (stats.json times this run's work, not the cached run's)
+        ref = S.BatchRef(f"{inp.index:05d}-{b['start']:012d}", inp.uri, b["rows_read"],
+                         {k: 0.0 for k in b["seconds"]}, b["lang_method"])
         return S.unspill(ref, live, rejected)
 
     def process(self, inp: InputFile):
