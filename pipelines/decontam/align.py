@@ -342,7 +342,9 @@ def align(ev: tuple[np.ndarray, np.ndarray], q: tuple[np.ndarray, np.ndarray], c
     if ov < cfg.min_overlap:
         return Alignment(-1.0, -1.0, ov, (1.0, 1.0), (0.0, 0.0), False, 0.0)
     structured = _structured(vals, mask, cfg) and _structured(qf, mask, cfg)
-    (se, ge), (sq, gq) = _texture(vals, mask), _texture(qf, mask)
+    # the near-exact rescue's texture, only when it is on (exact_min_grad below min_grad; off by default)
+    (se, ge), (sq, gq) = ((_texture(vals, mask), _texture(qf, mask)) if cfg.exact_min_grad < cfg.min_grad
+                          else ((0.0, 0.0), (0.0, 0.0)))
     sx, sy, tx, ty = (float(v) for v in h)
     return Alignment(round(c, 4), round(g, 4), round(ov, 3), (round(sx, 3), round(sy, 3)),
                      (round(tx + sx / 2 - 0.5, 4), round(ty + sy / 2 - 0.5, 4)), structured, round(blocks, 3),
