@@ -76,14 +76,17 @@ def main(argv=None) -> None:
     ap.add_argument("--sample", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare-hash-only", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="detector settings name=value (DetectorConfig.with_thresholds)")
     a = ap.parse_args(argv)
+    kw = {k: json.loads(v) for k, v in (x.split("=", 1) for x in a.set)}
+    detector = DetectorConfig().with_thresholds(**kw) if kw else None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = cifar_dir()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    report = run_audit(f"cifar10:{tmp}:train", [f"cifar10:{tmp}"], str(out / "report"))
+    report = run_audit(f"cifar10:{tmp}:train", [f"cifar10:{tmp}"], str(out / "report"), detector=detector)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     load1 = os.getloadavg()
     r = report["eval_sets"]["cifar10"]

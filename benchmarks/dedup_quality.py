@@ -22,7 +22,7 @@ Columns (each read off one detector run; every candidate keeps all its scores):
 - ``detector``: the default detector (both generators; variant or alignment check, then the colour check).
 
 usage: python benchmarks/dedup_quality.py [--per-transform 150] [--n-eval 5000] [--distractors 10000]
-       [--out OUT_DIR] [--render-distractor-matches]
+       [--out OUT_DIR] [--render-distractor-matches] [--set name=value ...]
 """
 from __future__ import annotations
 
@@ -125,11 +125,13 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "out" / "dedup_quality"))
     ap.add_argument("--render-distractor-matches", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="detector settings name=value (DetectorConfig.with_thresholds)")
     a = ap.parse_args(argv)
     tmp = cifar_dir()
     test, train = load_eval_set(f"cifar10:{tmp}"), load_eval_set(f"cifar10:{tmp}:train")
     rng = np.random.default_rng(a.seed)
-    cfg = DetectorConfig()
+    kw = {k: json.loads(v) for k, v in (x.split("=", 1) for x in a.set)}
+    cfg = DetectorConfig().with_thresholds(**kw) if kw else DetectorConfig()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 

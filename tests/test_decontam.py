@@ -200,3 +200,48 @@ def test_multi_index_with_crowded_buckets_equals_brute_force():
             order = np.lexsort((want[1], want[0]))
             assert np.array_equal(got[0], want[0][order]) and np.array_equal(got[1], want[1][order])
             assert np.array_equal(got[2], want[2][order])
+
+
+def _bird_on_sky(seed: int, at=(0.5, 0.45), size: int = 32) -> Image.Image:
+    """A plain 'photo': a smooth sky ramp with one small dark bird (a few pixels): a person identifies its copies at
+    once, but it has too few edges for the structure requirement (mean gradient < 4 on the checks' grids)."""
+    sky = np.asarray(_sky(seed).resize((size, size), Image.Resampling.BILINEAR)).copy()
+    img = Image.fromarray(sky)
+    d = ImageDraw.Draw(img)
+    x, y = at[0] * size, at[1] * size
+    s = size / 32
+    d.polygon([(x - 5 * s, y - 2 * s), (x, y + s), (x + 5 * s, y - 2 * s), (x + 1 * s, y + 2.5 * s),
+               (x - 1 * s, y + 2.5 * s)], fill=(25, 25, 35))
+    return img
+
+
+def test_plain_image_copies_pass_by_their_residual_and_skies_do_not():
+    from pipelines.decontam.align import AlignConfig, align, prepare_eval, prepare_query
+
+    cfg = AlignConfig()
+    src = _bird_on_sky(3)
+    thumb = np.asarray(src.convert("L").resize((64, 64), Image.Resampling.BILINEAR))
+    copy = augment.apply("jpeg", src.resize((48, 48), Image.Resampling.BICUBIC), np.random.default_rng(0))
+    a = align(prepare_eval(thumb), prepare_query(copy.convert("L"), cfg), cfg)
+    assert not a.structured  # the structure requirement alone would reject this copy ...
+    assert a.residual[0] >= cfg.residual_min_corr and a.passes(cfg), a  # ... its residual (the bird) agrees
+    # the same sky with a balloon where the bird was: the residuals disagree; another sky with the same bird: the
+    # ramps differ (grey correlation below residual_ncc)
+    balloon = Image.fromarray(np.asarray(_sky(3).resize((32, 32), Image.Resampling.BILINEAR)).copy())
+    ImageDraw.Draw(balloon).ellipse((13, 10, 19, 18), fill=(200, 40, 40))
+    for look in (balloon, _bird_on_sky(4)):
+        b = align(prepare_eval(thumb), prepare_query(look.convert("L"), cfg), cfg)
+        assert not b.structured and not b.passes(cfg), b
+    # and with the rescue off (residual_ncc > 1) the copy is rejected: the rule is what accepts it
+    off = AlignConfig(residual_ncc=1.0, residual_min_corr=1.0)
+    assert not align(prepare_eval(thumb), prepare_query(copy.convert("L"), off), off).passes(off)
+
+
+def test_caption_banner_is_found_on_captioned_copies_only():
+    from pipelines.decontam.align import caption_banner
+
+    rng = np.random.default_rng(5)
+    found = [caption_banner(augment.apply("banner", scene(i), rng).convert("L")) for i in range(20)]
+    assert sum(f is not None for f in found) >= 16  # 17 of 20 when written (a caption on a dark or busy edge can be missed)
+    assert all(caption_banner(im.convert("L")) is None
+               for im in [scene(100 + i) for i in range(20)] + [_sky(i) for i in range(8)] + [_bird_on_sky(1)])

@@ -232,3 +232,31 @@ def test_data_plane_imports_neither_torch_nor_clip_train():
     src = "\n".join(p.read_text() for p in (ROOT / "pipelines" / "decontam").glob("*.py") if p.name != "build.py")
     assert "import clip_train" not in src and "from clip_train" not in src
     assert "os.replace" not in src
+
+
+@pytest.mark.parametrize("nearest,floor,block", [(1, 0.3, 1 << 14), (2, 0.5, 1 << 12), (3, -1.0, 1 << 20)])
+def test_rank_rule_search_equals_brute_force(nearest, floor, block):
+    """The rank rule (a query's nearest entries above a floor are hits whatever their margin) in the blocked
+    search: the same pairs as the brute-force reference, and the nearest entry is a hit even where the margin
+    rule rejects every pair."""
+    rng = np.random.default_rng(nearest)
+    e = rng.normal(size=(3000, 24)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    q = e[rng.integers(0, 3000, 300)] + rng.normal(0, 0.6, (300, 24)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    kw = dict(margin=0.9, kth=10, high=0.99, nearest=nearest, floor=floor)  # a margin nothing meets
+    got = knn.search(q, e, 0.6, 5, max_block=block, **kw)
+    want = knn.brute_force(q, e, 0.6, 5, **kw)
+    assert np.array_equal(got.query, want.query) and np.array_equal(got.entry, want.entry)
+    sims = q @ e.T
+    top = sims.argmax(axis=1)
+    hit = {(int(a), int(b)) for a, b in zip(got.query, got.entry)}
+    assert all((i, int(top[i])) in hit for i in range(len(q)) if sims[i, top[i]] >= floor)
+    assert len(knn.search(q, e, 0.6, 5, margin=0.9, kth=10, high=0.99).query) < len(got.query)
+
+
+def test_shipped_thresholds_include_the_calibrated_rank_rule(desc):
+    t = desc.meta["thresholds"]
+    rule = desc.meta["calibration"]["rank_rule"]
+    assert (t["nearest"], t["floor"]) == (rule["nearest"], rule["floor"])
+    assert rule["wrong_per_query"] <= 0.5  # calibrate.RANK_BUDGET

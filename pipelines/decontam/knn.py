@@ -42,10 +42,12 @@ class KnnResult:
 
 def search(queries: np.ndarray, index: np.ndarray, threshold: float, topk: int, *,
            max_block: int = 1 << 22, best: BestPerEntry | None = None, query_ids: np.ndarray | None = None,
-           margin: float | None = None, kth: int = 10, high: float | None = None) -> KnnResult:
+           margin: float | None = None, kth: int = 10, high: float | None = None, nearest: int = 0,
+           floor: float | None = None) -> KnnResult:
     """Pairs with cosine >= ``threshold`` (inputs are unit vectors) and, with ``margin``, cosine - the query's
-    ``kth``-largest cosine >= ``margin`` unless cosine >= ``high``; at most ``topk`` per query, sorted by query then
-    descending similarity.
+    ``kth``-largest cosine >= ``margin`` unless cosine >= ``high``; also, with ``nearest`` > 0, the query's
+    ``nearest`` most similar entries whose cosine is >= ``floor`` (whatever the threshold and margin); at most
+    ``topk`` per query, sorted by query then descending similarity (ties by entry order).
     ``best`` (optional) is updated with each entry's most similar query, recorded as ``query_ids[row]``."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     e = np.ascontiguousarray(index, dtype=np.float32)
@@ -57,6 +59,9 @@ def search(queries: np.ndarray, index: np.ndarray, threshold: float, topk: int, 
     qb = int(max(1, min(nq, max_block // eb)))  # queries per block
     out_q, out_e, out_s = [], [], []
     use_kth = margin is not None and kth >= 1
+    use_near = nearest > 0 and floor is not None
+    check_topk = max(topk, nearest) if use_near else topk  # a block's rows keep at least the nearest entries
+    lo = min(threshold, floor) if use_near else threshold
     kth_all = np.full(nq, -np.inf, np.float32)
     for q0 in range(0, nq, qb):
         qs = q[q0:q0 + qb]
@@ -76,9 +81,9 @@ def search(queries: np.ndarray, index: np.ndarray, threshold: float, topk: int, 
                 upd = val > best.sim[e0:e0 + eb]
                 best.sim[e0:e0 + eb][upd] = val[upd]
                 best.query[e0:e0 + eb][upd] = ids[q0 + col[upd]]
-            r, c = np.nonzero(sims >= threshold)
-            if len(r) > topk * len(qs):  # bound memory at a low threshold: keep each row's top-k of this block
-                r, c = _rows_topk(sims, r, c, topk)
+            r, c = np.nonzero(sims >= lo)
+            if len(r) > check_topk * len(qs):  # bound memory at a low threshold: keep each row's top-k of this block
+                r, c = _rows_topk(sims, r, c, check_topk)
             if len(r):
                 hits_q.append(r.astype(np.int64) + q0)
                 hits_e.append(c.astype(np.int64) + e0)
@@ -88,16 +93,16 @@ def search(queries: np.ndarray, index: np.ndarray, threshold: float, topk: int, 
         if not hits_q:
             continue
         hq, he, hs = np.concatenate(hits_q), np.concatenate(hits_e), np.concatenate(hits_s)
+        hq, he, hs = _sorted(hq, he, hs)
+        ok = hs >= threshold
         if use_kth:
-            ok = hs - kth_all[hq] >= margin
+            ok &= hs - kth_all[hq] >= margin
             if high is not None:
-                ok |= hs >= high
-            hq, he, hs = hq[ok], he[ok], hs[ok]
-        order = np.lexsort((he, -hs, hq))  # per query: most similar first, then entry order
-        hq, he, hs = hq[order], he[order], hs[order]
-        first = np.r_[0, np.flatnonzero(np.diff(hq)) + 1]
-        rank = np.arange(len(hq)) - np.repeat(first, np.diff(np.r_[first, len(hq)]))
-        keep = rank < topk
+                ok |= (hs >= high) & (hs >= threshold)
+        if use_near:  # every entry >= floor is a hit, so the rank among hits is the rank over the whole index
+            ok |= (_ranks(hq) < nearest) & (hs >= floor)
+        hq, he, hs = hq[ok], he[ok], hs[ok]
+        keep = _ranks(hq) < topk
         out_q.append(hq[keep])
         out_e.append(he[keep])
         out_s.append(hs[keep])
@@ -106,6 +111,19 @@ def search(queries: np.ndarray, index: np.ndarray, threshold: float, topk: int, 
         return KnnResult(kth=kth_out)
     return KnnResult(np.concatenate(out_q), np.concatenate(out_e), np.concatenate(out_s).astype(np.float32),
                      kth_out)
+
+
+def _sorted(hq: np.ndarray, he: np.ndarray, hs: np.ndarray):
+    order = np.lexsort((he, -hs, hq))  # per query: most similar first, then entry order
+    return hq[order], he[order], hs[order]
+
+
+def _ranks(hq: np.ndarray) -> np.ndarray:
+    """Position of each hit within its query's run (hits sorted by query)."""
+    if len(hq) == 0:
+        return np.zeros(0, np.int64)
+    first = np.r_[0, np.flatnonzero(np.diff(hq)) + 1]
+    return np.arange(len(hq)) - np.repeat(first, np.diff(np.r_[first, len(hq)]))
 
 
 def _rows_topk(sims: np.ndarray, r: np.ndarray, c: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +142,8 @@ def _rows_topk(sims: np.ndarray, r: np.ndarray, c: np.ndarray, topk: int) -> tup
 
 
 def brute_force(queries: np.ndarray, index: np.ndarray, threshold: float, topk: int,
-                margin: float | None = None, kth: int = 10, high: float | None = None) -> KnnResult:
+                margin: float | None = None, kth: int = 10, high: float | None = None, nearest: int = 0,
+                floor: float | None = None) -> KnnResult:
     """Reference: the full similarity matrix at once (tests compare :func:`search` with it)."""
     sims = np.asarray(queries, np.float32) @ np.asarray(index, np.float32).T
     out_q, out_e, out_s = [], [], []
@@ -135,7 +154,13 @@ def brute_force(queries: np.ndarray, index: np.ndarray, threshold: float, topk: 
         stands_out = row - kths[i] >= (margin if margin is not None else -np.inf)
         if high is not None:
             stands_out |= row >= high
-        cols = np.flatnonzero((row >= threshold) & stands_out)
+        ok = (row >= threshold) & stands_out
+        if nearest > 0 and floor is not None:
+            order = np.lexsort((np.arange(len(row)), -row))
+            near = np.zeros(len(row), bool)
+            near[order[:nearest]] = True
+            ok |= near & (row >= floor)
+        cols = np.flatnonzero(ok)
         cols = cols[np.lexsort((cols, -row[cols]))][:topk]
         out_q += [i] * len(cols)
         out_e += cols.tolist()
