@@ -409,6 +409,8 @@ def looks_like_banner(strip: np.ndarray) -> bool:
     if strip.size == 0:
         return False
     dev = np.abs(strip - np.median(strip))
+    if float(np.mean(dev <= 10.0)) < 0.6:
+        return False  # no flat fill: the common case, decided cheaply
     ink = dev >= BANNER_INK
     # text: a row crossing a word enters and leaves ink many times; the apex of a drawn shape twice
     crossings = int(np.abs(np.diff(ink.astype(np.int8), axis=1)).sum(axis=1).max()) if strip.shape[1] > 1 else 0

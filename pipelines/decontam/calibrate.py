@@ -27,6 +27,7 @@ match the checks missed, and different pages of text have near-identical descrip
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -221,7 +222,14 @@ def _strict_gncc(cands: list[dict], truth: dict, rule: dict, t_cand: float, marg
         value = round((max(wrong_g) + min(true_g)) / 2, 2)
     else:
         value = round(max(wrong_g) + 0.01, 2)
-    return {"value": float(max(value, base)), "true": sorted(true_g), "wrong": sorted(wrong_g)}
+    value = float(max(value, base))
+    # the screen a weak pair needs: the lowest screen score of a true pair of the suite aligned at >= that value
+    screens = [c["screen"] for c in cands if c["screen"] is not None and c["align_gncc"] is not None
+               and c["align_gncc"] >= value and truth.get(c["pool_key"]) == c["eval_id"]]
+    min_screen = DetectorConfig().align_cfg.min_screen
+    screen = max(min_screen, math.floor(min(screens) * 100) / 100) if screens else min_screen
+    return {"value": value, "screen": float(screen), "true": sorted(true_g), "wrong": sorted(wrong_g),
+            "true_pairs_for_screen": len(screens)}
 
 
 def _colour_report(cands: list[dict], truth: dict) -> dict:
@@ -275,7 +283,7 @@ def calibrate(desc: CopyDescriptor, per_family: int = 80, seed: int = 0, log=pri
     report = {
         "thresholds": {"candidate": t_cand, "margin": margin, "high": high, "kth": DetectorConfig().desc_kth,
                        "nearest": rank_rule["nearest"], "floor": rank_rule["floor"],
-                       "strict_gncc": rank_rule["min_gncc"]["value"]},
+                       "strict_gncc": rank_rule["min_gncc"]["value"], "strict_screen": rank_rule["min_gncc"]["screen"]},
         "suite": {"n_eval": len(evals), "planted": len(truth), "lookalikes": len(pool) - len(truth),
                   "sources": "procedural canvases of styles unseen in training (32 and 64 px); look-alike = same "
                              "style, other layout",

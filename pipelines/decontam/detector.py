@@ -77,8 +77,8 @@ class DetectorConfig(Config):
     desc_high: float | None = None  # ... unless it is at least this
     desc_kth: int = 10
     desc_topk: int = 5  # candidates per query image (most similar first)
-    # Rank rule: the query's desc_nearest most similar evaluation images (at least; counted as index entries, two
-    # per image: as is and mirrored) are candidates whatever their margin when their cosine is >= desc_floor. A
+    # Rank rule: a pool image's desc_nearest most similar evaluation images (over its query variants and both
+    # orientations) are candidates whatever their margin when their cosine is >= desc_floor. A
     # copy shifted or re-cropped far enough to lose its margin in a crowded neighbourhood (planes on a blue sky)
     # is still its source's nearest neighbour or close to it; the checks decide. None = calibrated with the weights
     # (calibrate.py: the budget of wrong candidates per query); 0 / absent in the weights = off.
@@ -91,6 +91,10 @@ class DetectorConfig(Config):
     # (benchmarks/dedup_quality.py): without it the rank rule and the strip added 7 look-alike matches (the same
     # pose in other colours) at gradient correlations 0.76-0.81, the copies they recovered align at >= 0.93.
     strict_gncc: float | None = None
+    # ... and such a pair is aligned only when its coarse screen reaches strict_screen (calibrated: the lowest
+    # screen score of a true pair of the calibration suite that aligned at >= strict_gncc); None = calibrated,
+    # else AlignConfig.min_screen. A CPU bound: the rank rule proposes about one pair per pool image.
+    strict_screen: float | None = None
     align: bool = True  # the shift- and scale-tolerant alignment check (align.py)
     align_cfg: AlignConfig = field(default_factory=AlignConfig)
     # Learned re-ranker of hash candidates (CLIP appendix C, :mod:`learned`; superseded by the descriptor): used when
@@ -152,7 +156,7 @@ class DetectorConfig(Config):
         check(self.desc_margin is None or (isinstance(self.desc_margin, (int, float)) and
                                            0.0 <= self.desc_margin <= 2.0), "decontam.desc_margin",
               f"expected a cosine margin 0..2 or null, got {self.desc_margin!r}")
-        for name in ("desc_candidate", "desc_high", "desc_floor", "strict_gncc", "min_cos"):
+        for name in ("desc_candidate", "desc_high", "desc_floor", "strict_gncc", "strict_screen", "min_cos"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, (int, float)) and -1.0 <= v <= 1.0), f"decontam.{name}",
                   f"expected a cosine in -1..1{' or null' if name != 'min_cos' else ''}, got {v!r}")
@@ -445,11 +449,12 @@ def _rank_rule(cfg: DetectorConfig, model: CopyDescriptor | None) -> tuple[int, 
     return int(nearest), float(floor)
 
 
-def _strict_gncc(cfg: DetectorConfig, model: CopyDescriptor | None) -> float:
-    if cfg.strict_gncc is not None:
-        return float(cfg.strict_gncc)
+def _strict(cfg: DetectorConfig, model: CopyDescriptor | None) -> tuple[float, float]:
+    """(strict_gncc, strict_screen): configured, else calibrated with the weights, else the alignment's own bars."""
     t = model.meta["thresholds"] if model is not None else {}
-    return float(t.get("strict_gncc", cfg.align_cfg.min_gncc))
+    g = cfg.strict_gncc if cfg.strict_gncc is not None else t.get("strict_gncc", cfg.align_cfg.min_gncc)
+    sc = cfg.strict_screen if cfg.strict_screen is not None else t.get("strict_screen", cfg.align_cfg.min_screen)
+    return float(g), float(sc)
 
 
 def _hue_limit(cfg: DetectorConfig, ncc: float, gncc: float) -> float:
@@ -519,11 +524,15 @@ def match_batch(index: EvalIndex, keys: Sequence[str], images: Sequence[Image.Im
             if cur is None or s > cur[0]:
                 per_pool[p][e] = (s, int(qv[r]), bool(ent % 2), float(s - kth[r]))
         for p, found in per_pool.items():
-            for e, (s, v, m, mg) in sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[: cfg.desc_topk]:
+            ranked = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[: cfg.desc_topk]
+            for i, (e, (s, v, m, mg)) in enumerate(ranked):
+                rank_only = not (s >= t_cand and (mg >= t_margin or s >= t_high))
+                if rank_only and i >= n_near:
+                    continue  # the search's rank rule counts index entries (two per image); the rule counts images
                 pair = pairs.setdefault((p, e), _Pair())
                 pair.from_desc = True
                 pair.desc_cos, pair.desc_query, pair.desc_mirror, pair.desc_margin = s, v, m, mg
-                pair.rank_only = not (s >= t_cand and (mg >= t_margin or s >= t_high))
+                pair.rank_only = rank_only
         # Descriptor cosine of hash-only pairs too (reported as a score; cheap: two dot products each).
         rows_of: dict[int, list[int]] = {}
         for r, p in enumerate(qpos.tolist()):
@@ -603,14 +612,16 @@ def match_batch(index: EvalIndex, keys: Sequence[str], images: Sequence[Image.Im
                 k = pair.hash_rows[0]
                 qv_, mirror = (1 if int(qvar[k]) else 0), EVAL_VARIANTS[int(evar[k])].mirror
             todo.append((rec, p, e, qv_, mirror))
-            # A captioned copy is also aligned without its banner (the trimmed strip that leaves it out).
-            if p not in banner_of:
-                banner_of[p] = caption_banner(qimgs[p * nq + 1])
-            if banner_of[p] is not None:
-                todo.append((rec, p, e, STRIP_WITHOUT[banner_of[p]], mirror))
+            # A captioned copy is also aligned without its banner (the trimmed strip that leaves it out); not for a
+            # pair only the rank rule proposed (weak evidence twice over, and a CPU cost on every pool image).
+            if not pair.rank_only or pair.hash_rows:
+                if p not in banner_of:
+                    banner_of[p] = caption_banner(qimgs[p * nq + 1])
+                if banner_of[p] is not None:
+                    todo.append((rec, p, e, STRIP_WITHOUT[banner_of[p]], mirror))
     if todo:
         acfg = cfg.align_cfg
-        strict_gncc = _strict_gncc(cfg, model)
+        strict_gncc, strict_screen = _strict(cfg, model)
         evprep = {e: prepare_eval(index.thumbs[e]) for e in sorted({t[2] for t in todo})}
         qscreen = {(p, v): prepare_screen_query(qimgs[p * nq + v], acfg) for _, p, _, v, _ in todo}
         scores, seeds = screen(np.stack([evprep[e][1][:, ::-1] if m else evprep[e][1] for _, _, e, _, m in todo]),
@@ -621,12 +632,12 @@ def match_batch(index: EvalIndex, keys: Sequence[str], images: Sequence[Image.Im
                 continue  # the banner-free strip of a pair already accepted as found
             if rec["screen"] is None or sc > rec["screen"]:
                 rec["screen"] = round(sc, 4)
-            if sc < acfg.min_screen:
+            weak = (rec["desc_rule"] == "rank" and rec["found_by"] == "descriptor") or v >= 2  # v >= 2: the strip
+            if sc < (strict_screen if weak else acfg.min_screen):
                 continue
             if (p, v) not in qprep:
                 qprep[(p, v)] = prepare_query(qimgs[p * nq + v], acfg)
             a = align(evprep[e], qprep[(p, v)], acfg, mirror=mirror, seeds=sd)
-            weak = (rec["desc_rule"] == "rank" and rec["found_by"] == "descriptor") or v >= 2  # v >= 2: the strip
             ok = a.passes(acfg) and (a.gncc >= strict_gncc or not weak)
             if rec["align"] is not None and not ok:
                 continue  # a second geometry (banner-free strip) that fails keeps the first one's scores
