@@ -7,7 +7,8 @@ Two ways to run the search, both exact (checked against the brute force on the s
 - join: both sides are known (an audit of an already hashed pool): the larger side (the pool) is indexed and the
   evaluation hashes probe it (``mih.hamming_join``).
 
-Descriptor mode (``--modes desc``): exact blocked cosine search (:mod:`pipelines.decontam.knn`) of pool
+Descriptor mode (``--modes desc``): exact blocked cosine search (:mod:`pipelines.decontam.knn`) with the
+detector's whole candidate rule (threshold, margin over the 10th neighbour, high, rank rule) of pool
 descriptors against 2 x ``--eval`` evaluation descriptors (each image and its mirror, as the index holds them),
 128-d float32, clustered like real ones (groups of look-alikes) with 1% planted near copies. Timed on one core
 (``threadpoolctl``) over ``--desc-queries`` pool queries and extrapolated to the whole pool; ``--desc-full``
@@ -42,15 +43,21 @@ def desc_bench(n_pool: int, n_eval: int, n_queries: int, full: bool, seed: int, 
 
     from pipelines.decontam.descriptor import default_descriptor
 
+    desc = default_descriptor()
     if threshold is None:
-        threshold = default_descriptor().threshold("candidate")
+        threshold = desc.threshold("candidate")
+    t = desc.meta["thresholds"]
+    # the detector's whole candidate rule (detector.match_batch): margin over the 10th neighbour unless >= high, and
+    # the rank rule (the nearest image's two entries above the floor)
+    rule = dict(margin=t["margin"], kth=t["kth"], high=t.get("high"), nearest=2 * int(t.get("nearest", 0)),
+                floor=t.get("floor"))
     rng = np.random.default_rng(seed)
     centres = unit(rng.normal(size=(n_eval // 50 + 1, dim)))
     eval_d = unit(np.repeat(centres, 100, axis=0)[: 2 * n_eval] + rng.normal(0, 0.12, (2 * n_eval, dim)))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def pool_batch(n, s):
-        r = np.random.default_rng([seed, s])
+        r = np.random.default_rng([seed, 0xB00, s])  # not [seed, 0]: that stream equals default_rng(seed), the index's
         x = unit(r.normal(size=(n, dim)))
         k = n // 100
         x[:k] = unit(eval_d[r.integers(0, len(eval_d), k)] + r.normal(0, 0.05, (k, dim)))
@@ -59,12 +66,12 @@ def desc_bench(n_pool: int, n_eval: int, n_queries: int, full: bool, seed: int, 
     q = pool_batch(n_queries, 0)
     with threadpool_limits(1):
         t0 = time.perf_counter()
-        res = knn.search(q, eval_d, threshold, topk)
+        res = knn.search(q, eval_d, threshold, 2 * topk, **rule)
         t1 = time.perf_counter() - t0
     per_s = n_queries * len(eval_d) / t1
     print(f"descriptor search, 1 core: {n_queries:,} pool x {len(eval_d):,} eval descriptors ({dim}-d, "
-          f"threshold {threshold}, top-{topk}): {t1:.2f} s = {per_s / 1e6:.0f} M pairs/s = {n_queries / t1:,.0f} "
-          f"pool images/s/core ({len(res.query):,} candidates); 1,000,000 x {len(eval_d):,}: "
+          f"threshold {threshold}, rule {rule}, top-{2 * topk} entries): {t1:.2f} s = {per_s / 1e6:.0f} M pairs/s = {n_queries / t1:,.0f} "
+          f"pool images/s/core ({len(res.query):,} candidates); {n_pool:,} x {len(eval_d):,}: "
           f"{n_pool * len(eval_d) / per_s:.0f} s on one core")
     mem = eval_d.nbytes + (1 << 22) * 4 + 1024 * dim * 4
     print(f"memory: index {eval_d.nbytes / 2**20:.0f} MiB + similarity block {(1 << 22) * 4 / 2**20:.0f} MiB + "
@@ -74,10 +81,13 @@ def desc_bench(n_pool: int, n_eval: int, n_queries: int, full: bool, seed: int, 
         t0 = time.perf_counter()
         n_found, step = 0, 16384
         for s in range(0, n_pool, step):
-            n_found += len(knn.search(pool_batch(min(step, n_pool - s), s + 1), eval_d, threshold, topk).query)
+            n_found += len(knn.search(pool_batch(min(step, n_pool - s), s + 1), eval_d, threshold, 2 * topk,
+                                      **rule).query)
         t = time.perf_counter() - t0
-        print(f"full run, all cores ({os.cpu_count()}): {n_pool:,} x {len(eval_d):,} in {t:.0f} s "
-              f"({n_found:,} candidates; includes generating the pool vectors)")
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"full run, all cores ({os.cpu_count()}): {n_pool:,} x {len(eval_d):,} in {t:.0f} s wall "
+              f"({n_found:,} candidate entries; includes generating the pool vectors); process CPU "
+              f"{ru.ru_utime + ru.ru_stime:.0f} s; peak RSS {ru.ru_maxrss / 1024:.0f} MiB")
 
 
 def flip_bits(h: np.ndarray, n_bits: np.ndarray, rng) -> np.ndarray:
