@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -86,16 +87,21 @@ def main(argv=None) -> None:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     cpu0 = time.process_time()
+    ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     report = run_audit(f"cifar10:{tmp}:train", [f"cifar10:{tmp}"], str(out / "report"), detector=detector)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_workers = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
     load1 = os.getloadavg()
     r = report["eval_sets"]["cifar10"]
     print(f"CIFAR-10 train vs test audit: {r['n_overlap']} of {r['n_eval']} test images flagged "
           f"({100 * r['overlap_rate']:.2f}%), {len(r['pairs'])} pairs; found by {r['found_by']}; accepted by "
-          f"{r['verified_by']}; {wall:.0f} s wall, {cpu:.0f} s CPU (this process); load average "
+          f"{r['verified_by']}; {wall:.0f} s wall, {cpu:.0f} s CPU in this process + {cpu_workers:.0f} s in worker "
+          f"processes; load average "
           f"{load0[0]:.1f} before, {load1[0]:.1f} after, on {os.cpu_count()} cores")
     result = {"n_flagged": r["n_overlap"], "n_pairs": len(r["pairs"]), "found_by": r["found_by"],
-              "verified_by": r["verified_by"], "wall_s": wall, "cpu_s": cpu, "load_before": load0,
+              "verified_by": r["verified_by"], "wall_s": wall, "cpu_s": cpu, "cpu_workers_s": cpu_workers,
+              "load_before": load0,
               "load_after": load1, "thresholds": report["descriptor"]["thresholds"]}
     if a.compare_hash_only:
         t0 = time.perf_counter()

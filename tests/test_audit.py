@@ -208,3 +208,23 @@ def test_audit_writes_to_s3(tmp_path, s3_bucket):
     back = json.loads(storage.read_bytes(f"{s3_bucket}/audits/a1/report.json"))
     assert back["eval_sets"]["eval"]["n_overlap"] == rep["eval_sets"]["eval"]["n_overlap"] == 1
     assert storage.read_bytes(f"{s3_bucket}/audits/a1/report.html").startswith(b"<!doctype html>")
+
+
+def test_worker_processes_give_the_same_report(tmp_path):
+    """Batches after the first go to worker processes (spawned, index loaded from a file); matches, pairs and the
+    nearest unflagged items are those of the in-process scan."""
+    imgs = _eval_folder(tmp_path / "eval", n=16)
+    web = tmp_path / "web"
+    web.mkdir()
+    rng = np.random.default_rng(3)
+    names = sorted(imgs)
+    for i in range(40):  # copies of some evaluation images among unrelated scenes, several batches of 8
+        img = augment.apply(["shift", "recrop", "jpeg", "banner"][i % 4], imgs[names[i % 16]], rng) if i % 3 == 0 \
+            else scene(500 + i)
+        img.save(web / f"item{i:02d}.png")
+    reports = [run_audit(f"folder:{web}", [f"folder:{tmp_path / 'eval'}"], str(tmp_path / f"o{w}"),
+                         detector={"batch_size": 8}, workers=w) for w in (1, 2)]
+    one, two = (r["eval_sets"]["eval"] for r in reports)
+    assert one["pairs"] and one["pairs"] == two["pairs"]
+    assert one["nearest_unflagged"] == two["nearest_unflagged"] and one["n_overlap"] == two["n_overlap"]
+    assert reports[0]["n_dataset"] == reports[1]["n_dataset"] == 40

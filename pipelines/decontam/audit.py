@@ -21,8 +21,9 @@ import base64
 import html
 import io
 import json
+import os
 import sys
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -70,30 +71,100 @@ def _small_rgb(item) -> Image.Image:
     return img.convert("RGB")
 
 
-class _Scan:
-    """One pass over the dataset: matches, thumbnails of matched items, each eval row's nearest dataset item."""
+_WORKER: dict = {}
 
-    def __init__(self, index: EvalIndex, cfg: DetectorConfig, errors: list[str]):
+
+def _worker_init(index_path: str, cfg: dict) -> None:
+    """A scan worker process: the index loaded once, one BLAS thread (the processes are the parallelism)."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    _WORKER["limits"] = threadpool_limits(1)
+    _WORKER["index"] = EvalIndex.load(index_path)
+    _WORKER["cfg"] = DetectorConfig.from_dict(cfg)
+
+
+def _worker_batch(keys: list[str], greys: list, offset: int):
+    """match_batch of one batch in a worker, with the batch's own best-per-entry (merged in order by the caller)."""
+    index = _WORKER["index"]
+    best = knn.BestPerEntry.empty(0 if index.desc is None else len(index.desc))
+    found, _ = match_batch(index, keys, greys, _WORKER["cfg"], best=best, query_offset=offset)
+    return found, best.sim, best.query
+
+
+class _Scan:
+    """One pass over the dataset: matches, thumbnails of matched items, each eval row's nearest dataset item.
+
+    With ``workers`` > 1, batches after the first are matched in that many worker processes (the index written
+    once to a temporary file and loaded by each), at most two batches a worker in flight (bounded memory); results
+    are taken in dataset order and merged exactly as the sequential scan does (matching is per image; the nearest
+    item per evaluation row keeps the first of equal similarities), so the report is the same for any number of
+    workers. A dataset of one batch never starts a process."""
+
+    def __init__(self, index: EvalIndex, cfg: DetectorConfig, errors: list[str], workers: int = 1):
         self.index, self.cfg, self.errors = index, cfg, errors
+        self.workers = max(1, int(workers))
         self.matches = []
         self.thumbs: dict[str, str] = {}
         self.n_items = 0
         n_rows = 0 if index.desc is None else len(index.desc)
         self.best = knn.BestPerEntry.empty(n_rows)
         self.best_key = np.full(n_rows, None, dtype=object)
+        self._pool = None
+        self._tmp = None
+        self._pending: deque = deque()
 
-    def batch(self, keys, greys, originals):
-        offset = self.n_items - len(keys)
-        found, _ = match_batch(self.index, keys, greys, self.cfg, best=self.best, query_offset=offset)
+    def _merge(self, keys, originals, offset, found, sims, queries):
         self.matches.extend(found)
-        upd = np.flatnonzero(self.best.query >= offset)
-        for r in upd:
-            self.best_key[r] = keys[int(self.best.query[r]) - offset]
-        self.best.query[upd] = -2  # resolved to a key; -2 < any later offset
+        if len(sims):
+            upd = np.flatnonzero(sims > self.best.sim)
+            self.best.sim[upd] = sims[upd]
+            for r in upd:
+                self.best_key[r] = keys[int(queries[r]) - offset]
         hit = {m.pool_key for m in found}
         for k, o in zip(keys, originals):
             if k in hit and k not in self.thumbs and len(self.thumbs) < MAX_THUMB_PAIRS:
                 self.thumbs[k] = _thumb_b64(_small_rgb(o))
+
+    def batch(self, keys, greys, originals):
+        offset = self.n_items - len(keys)
+        if self.workers > 1 and offset > 0:  # a second batch: the dataset is worth the worker processes
+            self._submit(keys, greys, originals, offset)
+            return
+        best = knn.BestPerEntry.empty(len(self.best.sim))
+        found, _ = match_batch(self.index, keys, greys, self.cfg, best=best, query_offset=offset)
+        self._merge(keys, originals, offset, found, best.sim, best.query)
+
+    def _submit(self, keys, greys, originals, offset):
+        if self._pool is None:
+            import multiprocessing  # noqa: PLC0415
+            import tempfile  # noqa: PLC0415
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="clipline-audit-")
+            path = f"{self._tmp.name}/index.npz"
+            self.index.save(path)
+            self._pool = multiprocessing.get_context("spawn").Pool(
+                self.workers, initializer=_worker_init, initargs=(path, self.cfg.to_dict()))
+        while len(self._pending) >= 2 * self.workers:
+            self._take()
+        self._pending.append((keys, originals, offset,
+                              self._pool.apply_async(_worker_batch, (keys, greys, offset))))
+
+    def _take(self):
+        keys, originals, offset, res = self._pending.popleft()
+        self._merge(keys, originals, offset, *res.get())
+
+    def finish(self):
+        try:
+            while self._pending:
+                self._take()
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool.join()
+                self._pool = None
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
 
     def run(self, dataset: str):
         keys, greys, originals = [], [], []
@@ -114,6 +185,7 @@ class _Scan:
                 keys, greys, originals = [], [], []
         if keys:
             self.batch(keys, greys, originals)
+        self.finish()
 
 
 def _fetch_thumbs(dataset: str, wanted: set[str], have: dict[str, str]) -> None:
@@ -146,11 +218,12 @@ def _predictions_for(predictions: Predictions | None, es) -> list[tuple] | None:
 
 def run_audit(dataset: str, eval_specs: list[str], out_dir: str, checkpoint: str | None = None, *,
               predictions: Predictions | None = None, detector: DetectorConfig | Mapping | None = None,
-              n_nearest: int = N_NEAREST, **thresholds) -> dict:
+              n_nearest: int = N_NEAREST, workers: int | None = None, **thresholds) -> dict:
     """Audit ``dataset`` against ``eval_specs``; write out_dir/report.json and report.html; return the report.
 
     ``predictions`` (see the module docstring) adds the All/Clean/Overlap statistics; ``checkpoint`` is only
-    recorded (``flows.audit`` turns it into predictions). ``detector`` is a :class:`DetectorConfig` (or mapping);
+    recorded (``flows.audit`` turns it into predictions). ``workers``: processes matching batches (default: the
+    CPU count; 1 = in this process). ``detector`` is a :class:`DetectorConfig` (or mapping);
     ``thresholds`` override its fields by flat name (radius, min_ncc, min_gncc, desc_candidate, desc_margin, ...).
     Raises DatasetError / EvalSetSpecError / ConfigError on unusable input.
     """
@@ -170,8 +243,11 @@ def run_audit(dataset: str, eval_specs: list[str], out_dir: str, checkpoint: str
                 es.name = f"{es.name}#{i}"
     index = EvalIndex.from_eval_sets(eval_sets, descriptor=cfg.descriptor)
     errors: list[str] = [e for es in eval_sets for e in es.errors]
-    scan = _Scan(index, cfg, errors)
-    scan.run(dataset)
+    scan = _Scan(index, cfg, errors, workers=(os.cpu_count() or 1) if workers is None else workers)
+    try:
+        scan.run(dataset)
+    finally:
+        scan.finish()
 
     by_set = defaultdict(list)
     for m in sorted(scan.matches, key=lambda m: (m.eval_set, m.eval_id, m.pool_key)):
@@ -353,6 +429,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-set", action="append", required=True, dest="eval_sets")
     ap.add_argument("--out", required=True, help="output directory (local or s3://)")
     ap.add_argument("--checkpoint", help="trained run directory: adds the All/Clean/Overlap zero-shot statistics")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes matching batches (default: the CPU count; 1 = no extra process)")
     ap.add_argument("--radius", type=int)
     ap.add_argument("--min-ncc", type=float)
     ap.add_argument("--min-gncc", type=float)
@@ -372,7 +450,7 @@ def main(argv: list[str] | None = None, predict: Callable[[str, object], Sequenc
         report = run_audit(a.dataset, a.eval_sets, a.out, a.checkpoint, predictions=predictions,
                            detector=DetectorConfig(descriptor=not a.no_descriptor), radius=a.radius,
                            min_ncc=a.min_ncc, min_gncc=a.min_gncc, desc_candidate=a.desc_candidate,
-                           desc_margin=a.desc_margin)
+                           desc_margin=a.desc_margin, workers=a.workers)
     except (DatasetError, EvalSetSpecError, ClipError) as exc:
         print(f"audit: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
