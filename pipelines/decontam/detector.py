@@ -9,7 +9,9 @@ Stage 1 (recall), two candidate generators:
   the pool image (as found, and border-trimmed when that changes it) is a candidate of an evaluation image when
   their cosine is >= the calibrated ``candidate`` threshold and exceeds the query's 10th-largest cosine by the
   calibrated ``margin`` (a copy is a sharp peak, a look-alike one of many), or is >= the calibrated ``high``
-  threshold; at most ``desc_topk`` per query (exact search, :mod:`knn`). It tolerates what moves a pHash by more than any usable radius: shifts of a few pixels at
+  threshold, or is the query's nearest evaluation image above the calibrated ``floor`` (the rank rule: shifted and
+  re-cropped copies in crowded neighbourhoods lose the margin, not the rank; such pairs then face the stricter
+  ``strict_screen`` / ``strict_gncc`` bars); at most ``desc_topk`` per query (exact search, :mod:`knn`). It tolerates what moves a pHash by more than any usable radius: shifts of a few pixels at
   32 px, re-crops, colour shifts.
 Stage 2 (precision): a candidate pair is accepted when the re-aligned variant check of :mod:`verify` passes
 (hash candidates, closest variant pairs first), else when the shift- and scale-tolerant alignment of :mod:`align`
@@ -527,13 +529,11 @@ def match_batch(index: EvalIndex, keys: Sequence[str], images: Sequence[Image.Im
             if cur is None or s > cur[0]:
                 per_pool[p][e] = (s, int(qv[r]), bool(ent % 2), float(s - kth[r]))
         for p, found in per_pool.items():
-            ranked = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[: cfg.desc_topk]
-            for e, (s, v, m, mg) in ranked:
-                rank_only = not (s >= t_cand and (mg >= t_margin or s >= t_high))
+            for e, (s, v, m, mg) in sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[: cfg.desc_topk]:
                 pair = pairs.setdefault((p, e), _Pair())
                 pair.from_desc = True
                 pair.desc_cos, pair.desc_query, pair.desc_mirror, pair.desc_margin = s, v, m, mg
-                pair.rank_only = rank_only
+                pair.rank_only = not (s >= t_cand and (mg >= t_margin or s >= t_high))
         # Descriptor cosine of hash-only pairs too (reported as a score; cheap: two dot products each).
         rows_of: dict[int, list[int]] = {}
         for r, p in enumerate(qpos.tolist()):
