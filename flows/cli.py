@@ -443,13 +443,17 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the dem
          batch_size: int = typer.Option(64, help="Training batch size.")):
     """The end-to-end run on the synthetic web: build -> audit -> train -> evaluate -> report."""
     from flows.build import build_dataset
-    from flows.demo import demo_build_config, demo_e2e_config, prepare_web
+    from flows.demo import demo_build_config, demo_e2e_config, first_url, prepare_web, start_over_if_moved
     from pipelines.synthweb import SynthWebServer
 
     out.mkdir(parents=True, exist_ok=True)
     web = prepare_web(out, n_pairs, seed)
     with SynthWebServer(web["root"]) as server:
+        before = first_url(web["pairs_parquet"])
         server.materialise_url_list()
+        if start_over_if_moved(out, before, first_url(web["pairs_parquet"])):
+            typer.echo(f"the demo web's address changed since the last run ({before.split('/')[2]} -> "
+                       f"{server.base_url.split('/')[2]}): starting {out}'s build, audit, training and report over")
         if steps <= 0:
             summary = build_dataset(demo_build_config(out, web, t=t, samples_per_shard=samples_per_shard, seed=seed))
             print_build_summary(summary)

@@ -24,6 +24,28 @@ def prepare_web(out: Path, n_pairs: int, seed: int) -> dict:
     return {**{k: str(v) for k, v in paths.items()}, "querylist": str(ql_path)}
 
 
+DERIVED = ("build", "audit", "run", "eval")  # what the demo computes from its web (the web and query list stay)
+
+
+def first_url(pairs_parquet: str) -> str:
+    urls = pq.read_table(pairs_parquet, columns=["url"]).column("url")
+    return str(urls[0]) if len(urls) else ""
+
+
+def start_over_if_moved(out: Path, url_before: str, url_now: str) -> bool:
+    """The web is served on a free port, which is part of every URL and uid: when it moved since an earlier demo
+    in ``out``, that demo's build is of other URLs (its crawl refuses a different URL list), so the demo's derived
+    outputs are removed and computed again. Returns whether it started over."""
+    import shutil
+
+    if url_before.split("/")[:3] == url_now.split("/")[:3] or not (out / "build").exists():
+        return False
+    for name in DERIVED:
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "report.html").unlink(missing_ok=True)
+    return True
+
+
 def demo_build_config(out: Path, web: dict, *, t: float, samples_per_shard: int, seed: int):
     from flows.config import load_build_config
 

@@ -120,3 +120,20 @@ def test_no_traceback_from_a_real_process(tiny, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "curate.t" in res.stderr
+
+
+def test_demo_starts_its_derived_outputs_over_when_the_web_moved(tmp_path):
+    """A second `make demo` serves the web on another free port (every URL and uid changes): the earlier build's
+    crawl would refuse the new URL list, so the demo removes what it derived and keeps the web and query list."""
+    from flows.demo import DERIVED, start_over_if_moved
+
+    for name in DERIVED + ("web",):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    (tmp_path / "report.html").write_text("r")
+    assert not start_over_if_moved(tmp_path, "http://127.0.0.1:4000/a/1.jpg", "http://127.0.0.1:4000/b/2.jpg")
+    assert (tmp_path / "build" / "f").exists()
+    assert start_over_if_moved(tmp_path, "http://127.0.0.1:4000/a/1.jpg", "http://127.0.0.1:4001/a/1.jpg")
+    assert not any((tmp_path / name).exists() for name in DERIVED) and not (tmp_path / "report.html").exists()
+    assert (tmp_path / "web" / "f").exists()
+    assert not start_over_if_moved(tmp_path, "http://127.0.0.1:4001/a", "http://127.0.0.1:4002/a")  # nothing built
