@@ -129,7 +129,8 @@ class Alignment:
                 and self.blocks >= cfg.min_blocks)
 
     def describe(self) -> str:
-        res = "" if self.structured else f" residual={self.residual[0]:.2f}/{self.residual[1]:.1f}"
+        shown = not self.structured and self.residual != (0.0, 0.0)  # scored only where the rescue can apply
+        res = f" residual={self.residual[0]:.2f}/{self.residual[1]:.1f}" if shown else ""
         return (f"align s={self.scale[0]:.2f}x{self.scale[1]:.2f} "
                 f"d={self.offset[0]:+.3f},{self.offset[1]:+.3f} ov={self.overlap:.2f} blocks={self.blocks:.2f}{res}")
 
@@ -389,7 +390,8 @@ def align(ev: tuple[np.ndarray, np.ndarray], q: tuple[np.ndarray, np.ndarray], c
     # the near-exact rescue's texture, only when it is on (exact_min_grad below min_grad; off by default)
     (se, ge), (sq, gq) = ((_texture(vals, mask), _texture(qf, mask)) if cfg.exact_min_grad < cfg.min_grad
                           else ((0.0, 0.0), (0.0, 0.0)))
-    rc, rs = residual_agreement(vals, qf, mask) if not structured else (0.0, 0.0)
+    # the residual rescue's scores, only where it can apply (unstructured, grey levels near-exact)
+    rc, rs = residual_agreement(vals, qf, mask) if not structured and c >= cfg.residual_ncc else (0.0, 0.0)
     sx, sy, tx, ty = (float(v) for v in h)
     return Alignment(round(c, 4), round(g, 4), round(ov, 3), (round(sx, 3), round(sy, 3)),
                      (round(tx + sx / 2 - 0.5, 4), round(ty + sy / 2 - 0.5, 4)), structured, round(blocks, 3),

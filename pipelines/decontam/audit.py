@@ -185,7 +185,6 @@ class _Scan:
                 keys, greys, originals = [], [], []
         if keys:
             self.batch(keys, greys, originals)
-        self.finish()
 
 
 def _fetch_thumbs(dataset: str, wanted: set[str], have: dict[str, str]) -> None:
