@@ -11,7 +11,10 @@ contact sheets for a person to inspect:
 each pair captioned with its sheet position, test / train index and scores. ``--compare-hash-only`` also runs the
 detector without the descriptor (the previous default) for the flagged count it gives.
 
-usage: python benchmarks/audit_cifar10.py [--out OUT_DIR] [--sample 100] [--compare-hash-only]
+``--truth LIST_CSV`` also scores the report against a list of known near-duplicates in ciFAIR's format
+(``benchmarks/duplicate_list_recall.py``: recall per judgment, and the misses).
+
+usage: python benchmarks/audit_cifar10.py [--out OUT_DIR] [--sample 100] [--compare-hash-only] [--truth LIST_CSV]
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from dedup_quality import cifar_dir, sheet  # noqa: E402
+from duplicate_list_recall import InputError, read_list, render, score as score_list  # noqa: E402
 
 from pipelines.decontam.audit import run_audit  # noqa: E402
 from pipelines.decontam.detector import DetectorConfig  # noqa: E402
@@ -77,9 +81,15 @@ def main(argv=None) -> None:
     ap.add_argument("--sample", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare-hash-only", action="store_true")
+    ap.add_argument("--truth", default=None, help="known near-duplicates, ciFAIR's meta/duplicates_cifar10.csv format")
     ap.add_argument("--set", nargs="*", default=[], help="detector settings name=value (DetectorConfig.with_thresholds)")
     a = ap.parse_args(argv)
     kw = {k: json.loads(v) for k, v in (x.split("=", 1) for x in a.set)}
+    try:
+        truth = read_list(a.truth) if a.truth else None  # a bad list fails here, before the audit
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     detector = DetectorConfig().with_thresholds(**kw) if kw else None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +146,9 @@ def main(argv=None) -> None:
     write_inspection_html(out / "inspection.html", sampled, nearest, test, train, r["n_overlap"], wall)
     result["flagged_sample"] = [(p["eval_id"], p["dataset_key"]) for p in sampled]
     result["nearest_unflagged"] = [(p["eval_id"], p["dataset_key"], p["desc_cos"]) for p in nearest]
+    if truth is not None:
+        result["known_duplicates"] = score_list(r, truth)
+        print(render(result["known_duplicates"]))
     (out / "audit_cifar10.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 

@@ -163,6 +163,51 @@ def test_alignment_recovers_a_shift_and_rejects_a_lookalike():
     assert mirrored.passes(cfg) and mirrored.gncc > 0.95
 
 
+def _screen_reference(ev: np.ndarray, q: np.ndarray, cfg: AlignConfig) -> np.ndarray:
+    """Screen scores of one pair at every hypothesis, one hypothesis at a time with align's own sampler."""
+    from pipelines.decontam.align import _grid_hyps, _sample
+
+    hyp = _grid_hyps(cfg.min_scale, cfg.max_scale, cfg.screen_scales, cfg.screen_max_offset, cfg.screen_step)
+    out = np.full(len(hyp), -1.0)
+
+    def ncc(a, b, m):
+        a, b = a[m].astype(np.float64), b[m].astype(np.float64)
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-6))
+
+    for i in range(len(hyp)):
+        v, m = _sample(ev, hyp[i:i + 1], cfg.screen_grid)
+        v, m = v[0], m[0]
+        if m.mean() < cfg.min_overlap:
+            continue
+        gx = ncc(np.diff(v, axis=1), np.diff(q, axis=1), m[:, 1:] & m[:, :-1])
+        gy = ncc(np.diff(v, axis=0), np.diff(q, axis=0), m[1:, :] & m[:-1, :])
+        out[i] = (ncc(v, q, m) + (gx + gy) / 2) / 2
+    return out
+
+
+def test_batched_screen_equals_scoring_each_pair_alone():
+    """align.screen samples all pairs at all hypotheses with shared interpolation matrices (factored by column and
+    row geometry); each pair's best score and seed must be what scoring it alone, hypothesis by hypothesis, gives."""
+    from pipelines.decontam.align import _grid_hyps, prepare_screen_query, screen
+
+    cfg = AlignConfig()
+    evs, qs = [], []
+    for k in range(70):  # more than one chunk of 64
+        img = photo(k, size=32).convert("L")
+        evs.append(np.asarray(img.resize((32, 32)), np.float32))
+        src = photo(k if k % 3 else k + 100, size=32).convert("L")  # every third pair unrelated
+        qs.append(prepare_screen_query(src.crop((2, 1, 30, 31)) if k % 2 else src, cfg))
+    best, seeds = screen(np.stack(evs), np.stack(qs), cfg)
+    hyp = _grid_hyps(cfg.min_scale, cfg.max_scale, cfg.screen_scales, cfg.screen_max_offset, cfg.screen_step)
+    for b in range(len(evs)):
+        ref = _screen_reference(evs[b], qs[b], cfg)
+        assert best[b] == pytest.approx(ref.max(), abs=2e-4)
+        for sd in seeds[b]:  # the seeds are hypotheses of the grid, among the best-scoring ones
+            i = int(np.flatnonzero((hyp == sd).all(axis=1))[0])
+            assert ref[i] >= np.sort(ref)[-cfg.keep] - 2e-4
+
+
 def test_detector_finds_shifted_copies_that_hashes_miss(evals, index):
     rng = np.random.default_rng(11)
     keys = sorted(evals)[:30]

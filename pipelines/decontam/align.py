@@ -454,30 +454,41 @@ def _interp_matrix(coord: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _screen_samples(ev: np.ndarray, hyp: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear samples of a stack of images (B, H, W) at hypotheses shared by all of them -> (h, n, B, n) (hypothesis,
-    row, image, column), and the shared validity mask (h, n, n). Two matrix products: rows (h n, H) @ images, then
-    per hypothesis @ columns; no transposes of the large arrays."""
+    """Bilinear samples of a stack of images (B, H, W) at hypotheses shared by all of them -> (h, B, n, n)
+    (hypothesis, image, row, column), and the shared validity mask (h, n, n). Separable, and factored over the
+    hypotheses: the column interpolation depends only on a hypothesis's (sx, tx) and the row interpolation only on
+    its (sy, ty), and a grid of scales x offsets has far fewer distinct ones than hypotheses (25 for 125). So: one
+    product of all images with the distinct column matrices, then per distinct column matrix one product with the
+    row matrices of every hypothesis that shares it (contiguous in :func:`_grid_hyps`' order)."""
     B, H, W = ev.shape
     g = _grid(n)
-    wx, vx = _interp_matrix(hyp[:, 2:3] + hyp[:, 0:1] * g[None, :], W)  # (h, n, W)
-    wy, vy = _interp_matrix(hyp[:, 3:4] + hyp[:, 1:2] * g[None, :], H)  # (h, n, H)
     h = len(hyp)
-    rows = wy.reshape(h * n, H) @ np.ascontiguousarray(ev.transpose(1, 0, 2)).reshape(H, B * W)  # (h n, B W)
-    vals = np.matmul(rows.reshape(h, n * B, W), wx.transpose(0, 2, 1))  # (h, n B, n)
-    return vals.reshape(h, n, B, n), vy[:, :, None] & vx[:, None, :]
+    xs, ix = np.unique(hyp[:, [0, 2]], axis=0, return_inverse=True)
+    ix = ix.reshape(-1)
+    wx, vx = _interp_matrix(xs[:, 1:2] + xs[:, 0:1] * g[None, :], W)  # (ux, n, W)
+    wy, vy = _interp_matrix(hyp[:, 3:4] + hyp[:, 1:2] * g[None, :], H)  # (h, n, H)
+    cols = (ev.reshape(B * H, W) @ wx.reshape(-1, W).T).reshape(B, H, len(xs), n)  # (B, H, ux, n)
+    cols = np.ascontiguousarray(cols.transpose(2, 1, 0, 3)).reshape(len(xs), H, B * n)  # (ux, H, B n)
+    vals = np.empty((h, B, n, n), np.float32)
+    for u in range(len(xs)):
+        which = np.flatnonzero(ix == u)
+        out = wy[which].reshape(-1, H) @ cols[u]  # (k n, B n)
+        vals[which] = out.reshape(len(which), n, B, n).transpose(0, 2, 1, 3)
+    return vals, vy[:, :, None] & vx[ix][:, None, :]
 
 
 def _ncc_hb(v: np.ndarray, q: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """NCC per (hypothesis, image) of samples v (h, r, B, c) with queries q (r, B, c) under weights w (h, r, c)."""
-    h, r, B, c = v.shape
-    wf = w.reshape(h, r * c)
-    qf = q.transpose(0, 2, 1).reshape(r * c, B)  # small: (r c, B)
+    """NCC per (hypothesis, image) of samples v (h, B, r, c) with queries q (B, r, c) under 0/1 weights w (h, r, c):
+    sums over the last axes as contiguous reductions and batched products."""
+    h, B, r, c = v.shape
+    k = r * c
+    vf, qf, wf = v.reshape(h, B, k), q.reshape(B, k), w.reshape(h, k)
     nh = wf.sum(axis=1)[:, None] + 1e-6
-    sq, sqq = wf @ qf, wf @ (qf * qf)  # (h, B)
-    vw = v * w[:, :, None, :]
-    sv = vw.sum(axis=(1, 3))
-    svv = (vw * v).sum(axis=(1, 3))
-    sqv = (vw * q[None]).sum(axis=(1, 3))
+    sq, sqq = wf @ qf.T, wf @ (qf * qf).T  # (h, B)
+    vw = vf * wf[:, None, :]
+    sv = vw.sum(axis=2)
+    svv = np.einsum("hbk,hbk->hb", vw, vf)
+    sqv = np.einsum("hbk,bk->hb", vw, qf)
     cov = sqv - sq * sv / nh
     var = np.maximum(sqq - sq * sq / nh, 0) * np.maximum(svv - sv * sv / nh, 0)
     return cov / (np.sqrt(var) + 1e-6)
@@ -494,18 +505,22 @@ def screen(evals: np.ndarray, queries: np.ndarray, cfg: AlignConfig, chunk: int 
     h = len(hyp)
     best = np.full(len(evals), -1.0, np.float32)
     seeds = np.zeros((len(evals), cfg.keep, 4), np.float32)
+    ok = (None, None)
     for s in range(0, len(evals), chunk):
         ev = np.asarray(evals[s:s + chunk], np.float32)
-        qb = np.asarray(queries[s:s + chunk], np.float32)
+        q = np.asarray(queries[s:s + chunk], np.float32)  # (B, n, n)
         B = len(ev)
-        vals, mask = _screen_samples(ev, hyp, n)  # (h, n, B, n), (h, n, n)
-        q = np.ascontiguousarray(qb.transpose(1, 0, 2))  # (n, B, n)
-        c = _ncc_hb(vals, q, mask.astype(np.float32))
-        # gradients along columns (axis 3) and rows (axis 1), each with its own validity
-        gx = _ncc_hb(np.diff(vals, axis=3), np.diff(q, axis=2), (mask[:, :, 1:] & mask[:, :, :-1]).astype(np.float32))
-        gy = _ncc_hb(np.diff(vals, axis=1), np.diff(q, axis=0), (mask[:, 1:, :] & mask[:, :-1, :]).astype(np.float32))
-        ok = (mask.reshape(h, -1).mean(axis=1) >= cfg.min_overlap)[:, None]
-        score = np.where(ok, (c + (gx + gy) / 2) / 2, -1.0).T  # (B, h)
+        vals, mask = _screen_samples(ev, hyp, n)  # (h, B, n, n), (h, n, n)
+        if ok[0] is None:
+            ok = ((mask.reshape(h, -1).mean(axis=1) >= cfg.min_overlap)[:, None],
+                  ((mask[:, :, 1:] & mask[:, :, :-1]).astype(np.float32),
+                   (mask[:, 1:, :] & mask[:, :-1, :]).astype(np.float32), mask.astype(np.float32)))
+        mx, my, mf = ok[1]
+        c = _ncc_hb(vals, q, mf)
+        # gradients along columns and rows, each with its own validity
+        gx = _ncc_hb(np.diff(vals, axis=3), np.diff(q, axis=2), mx)
+        gy = _ncc_hb(np.diff(vals, axis=2), np.diff(q, axis=1), my)
+        score = np.where(ok[0], (c + (gx + gy) / 2) / 2, -1.0).T  # (B, h)
         order = np.argsort(-score, axis=1, kind="stable")[:, : cfg.keep]
         best[s:s + B] = np.take_along_axis(score, order[:, :1], axis=1)[:, 0]
         seeds[s:s + B] = hyp[order]
