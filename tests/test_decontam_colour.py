@@ -100,8 +100,46 @@ def test_a_strong_colour_cast_on_an_exact_structure_is_still_a_copy():
     assert list(find_matches(index, [("cast", cast)], strict)) == []
 
 
+def _sky(cloud_chroma: float) -> Image.Image:
+    """A dark aircraft on a sky with iso-luminant cloud blobs: the clouds differ from the sky in hue only, scaled by
+    ``cloud_chroma`` (1 = the source; smaller = the same photo with its sky re-toned)."""
+    rng = np.random.default_rng(5)
+    n = 96
+    y, x = np.mgrid[0:n, 0:n] / n
+    lum = 150 + 40 * y
+    blobs = np.zeros((n, n))
+    for _ in range(12):
+        cx, cy, r = rng.random(), rng.random() * 0.6, 0.05 + 0.08 * rng.random()
+        blobs += np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+    blobs = np.clip(blobs, 0, 1)
+    red = lum - 30 + cloud_chroma * (60 * blobs - 30)
+    blue = lum + 40 + cloud_chroma * (-60 * blobs + 30)
+    green = (lum - 0.299 * red - 0.114 * blue) / 0.587
+    img = Image.fromarray(np.clip(np.stack([red, green, blue], -1), 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    d.polygon([(20, 50), (70, 40), (80, 48), (30, 62)], fill=(40, 45, 50))
+    d.polygon([(40, 48), (55, 30), (60, 44)], fill=(60, 60, 70))
+    return img.resize((32, 32), Image.Resampling.BILINEAR)
+
+
+def test_a_retoned_background_is_waived_only_where_grey_structure_agrees_everywhere():
+    """DetectorConfig.edge_free_*: a copy whose sky lost most of its cloud colour keeps 0.5 of the source's colour
+    edges (the edge check rejects it) while its grey levels, gradients and every structured block agree; the
+    waiver accepts it, the hue limit still applies (a hue-turned copy of the same pair is rejected without the
+    hue exemption), and a look-alike on another background is not waived."""
+    src, retoned = _sky(1.0), _sky(0.25)
+    index = EvalIndex.build([("s", "sky", src)])
+    assert [m.eval_id for m in find_matches(index, [("retoned", retoned)])] == ["sky"]
+    off = DetectorConfig(edge_free_ncc=None, edge_free_gncc=None)
+    assert list(find_matches(index, [("retoned", retoned)], off)) == []
+    no_hue_exemption = DetectorConfig(hue_free_ncc=1.0, hue_free_gncc=1.0)
+    assert list(find_matches(index, [("turned", turn_hue(retoned, 120))], no_hue_exemption)) == []
+    lookalike_index = EvalIndex.build([("s", "red", scene())])
+    assert list(find_matches(lookalike_index, [("other", scene(wall=False))])) == []
+
+
 @pytest.mark.parametrize("kw", [{"max_hue_turn": 200.0}, {"min_edge_recall": 1.5}, {"min_edge_blocks": -0.1},
-                                {"colour": "yes"}, {"hue_free_gncc": 2.0}])
+                                {"colour": "yes"}, {"hue_free_gncc": 2.0}, {"edge_free_ncc": 1.5}])
 def test_colour_thresholds_are_validated(kw):
     with pytest.raises(ConfigError):
         DetectorConfig(**kw)
