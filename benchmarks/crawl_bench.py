@@ -15,7 +15,9 @@ Two webs, both the synthetic web's generator and server (``pipelines.synthweb``)
    from the cost of politeness). Reported: images/s end to end and over the download phase, CPU of the crawl's
    processes per image, and the CPU per published image of the build's crawl + images + shard stages (clipline, with the
    hashes computed in the crawl) vs plain img2dataset's crawl CPU per image and vs img2dataset + the images stage
-   decoding every image again (what the build did before).
+   decoding every image again (what the build did before). ``--politeness-off`` adds two variants, clipline with
+   politeness off (64 connections a host, no rate limit, no robots.txt) with and without the hashes, to separate
+   the costs of the guarded fetch + scheduler + writer, of politeness and of the hashes.
 
 Both variants get the same img2dataset arguments (``pipelines.crawl.engine.img2dataset_kwargs``): same threads,
 processes, timeouts, retries, image size and shard size.
@@ -187,13 +189,18 @@ def _build_cpu(crawl_dir: Path, work: Path, name: str) -> dict:
             "shard_wall_s": shard_wall, "published": len(ok), "pool_kept": result.kept}
 
 
-def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config) -> dict:
+NO_POLITENESS = {"per_host_connections": 64, "per_host_rps": None, "respect_robots": False}
+
+
+def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politeness_off: bool = False) -> dict:
     from pipelines.synthweb import generate_web
 
     web = work / "healthy-web"
     generate_web(web, n_urls, seed=0, failure_rate=0.0, min_per_failure_mode=0, heldout_per_class=1)
     servers = _serve(web, n_hosts)
-    runs: dict[str, list[dict]] = {"img2dataset": [], "clipline": [], "clipline_nohash": []}
+    variants = ["img2dataset", "clipline", "clipline_nohash"] + (
+        ["clipline_nopolite", "clipline_nohash_nopolite"] if politeness_off else [])
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     order_log = []
     build = {}
     try:
@@ -201,7 +208,6 @@ def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config) -> dict
         _candidates(servers[0].materialise_url_list()["parquet"], servers, cand)
         print(f"healthy web: {n_urls} URLs on {n_hosts} hosts", flush=True)
         order: list[str] = []
-        variants = ["img2dataset", "clipline", "clipline_nohash"]
         for i in range(repeats):  # A/B/C, then C/B/A, ...: drift in the machine's load hits all alike
             order += variants if i % 2 == 0 else variants[::-1]
         for k, name in enumerate(order):
@@ -209,13 +215,15 @@ def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config) -> dict
             if name == "img2dataset":
                 r = _plain(config, cand, out)
             else:
-                r = _clipline(config.replace(hash_images=name == "clipline"), cand, out, work / f"staging-{k}")
+                cfg = config.replace(hash_images="nohash" not in name,
+                                     **(NO_POLITENESS if name.endswith("nopolite") else {}))
+                r = _clipline(cfg, cand, out, work / f"staging-{k}")
             runs[name].append(r)
             order_log.append({"variant": name, **{x: r[x] for x in ("wall_s", "download_s", "worker_cpu_s",
                                                                       "successes")}})
             print(f"  [{k + 1}/{len(order)}] {name:12s} {r['successes']} images  wall {r['wall_s']:6.2f} s  "
                   f"download {r['download_s']:6.2f} s  worker CPU {r['worker_cpu_s']:6.2f} s", flush=True)
-            if name not in build and name != "clipline_nohash":  # the first crawl of each, for the build CPU
+            if name not in build and name in ("img2dataset", "clipline"):  # the first crawl of each, for the build CPU
                 build[name] = out
             else:
                 shutil.rmtree(out)
@@ -248,6 +256,8 @@ def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config) -> dict
         "overhead_nohash_download_pct": 100 * (base["download_img_s"] / summary["clipline_nohash"]["download_img_s"]
                                                - 1),
         "overhead_nohash_wall_pct": 100 * (base["wall_img_s"] / summary["clipline_nohash"]["wall_img_s"] - 1),
+        "overhead_download_pct_by_variant": {n: 100 * (base["download_img_s"] / summary[n]["download_img_s"] - 1)
+                                             for n in summary if n != "img2dataset"},
         "build_cpu": build_cpu, "build_cpu_ms_per_published_image": per_img,
         "build_vs_plain_crawl_cpu": per_img["clipline"] / base["cpu_ms_per_img"],
         # The same build CPU per *crawled* image (both figures divided by the images both crawls downloaded): the
@@ -276,7 +286,8 @@ def run(args) -> dict:
         if args.hostile_urls:
             report["hostile"] = hostile(work, args.hostile_urls, config)
         if args.healthy_urls:
-            report["healthy"] = healthy(work, args.healthy_urls, args.hosts, args.repeats, config)
+            report["healthy"] = healthy(work, args.healthy_urls, args.hosts, args.repeats, config,
+                                        args.politeness_off)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["load_avg_1m_at_end"] = os.getloadavg()[0]
@@ -296,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--shard", type=int, default=1000)
     ap.add_argument("--json", type=str, default=None, help="also write the raw report here")
+    ap.add_argument("--politeness-off", action="store_true",
+                    help="also run clipline with politeness off, with and without hashes (separates the costs)")
     args = ap.parse_args(argv)
     run(args)
     return 0
