@@ -505,22 +505,22 @@ def screen(evals: np.ndarray, queries: np.ndarray, cfg: AlignConfig, chunk: int 
     h = len(hyp)
     best = np.full(len(evals), -1.0, np.float32)
     seeds = np.zeros((len(evals), cfg.keep, 4), np.float32)
-    ok = (None, None)
+    weights = overlap_ok = None  # depend on the hypotheses only: computed with the first chunk
     for s in range(0, len(evals), chunk):
         ev = np.asarray(evals[s:s + chunk], np.float32)
         q = np.asarray(queries[s:s + chunk], np.float32)  # (B, n, n)
         B = len(ev)
         vals, mask = _screen_samples(ev, hyp, n)  # (h, B, n, n), (h, n, n)
-        if ok[0] is None:
-            ok = ((mask.reshape(h, -1).mean(axis=1) >= cfg.min_overlap)[:, None],
-                  ((mask[:, :, 1:] & mask[:, :, :-1]).astype(np.float32),
-                   (mask[:, 1:, :] & mask[:, :-1, :]).astype(np.float32), mask.astype(np.float32)))
-        mx, my, mf = ok[1]
+        if weights is None:
+            overlap_ok = (mask.reshape(h, -1).mean(axis=1) >= cfg.min_overlap)[:, None]
+            # grey samples, horizontal and vertical differences: each with its own validity
+            weights = tuple(m.astype(np.float32) for m in
+                            (mask, mask[:, :, 1:] & mask[:, :, :-1], mask[:, 1:, :] & mask[:, :-1, :]))
+        mf, mx, my = weights
         c = _ncc_hb(vals, q, mf)
-        # gradients along columns and rows, each with its own validity
         gx = _ncc_hb(np.diff(vals, axis=3), np.diff(q, axis=2), mx)
         gy = _ncc_hb(np.diff(vals, axis=2), np.diff(q, axis=1), my)
-        score = np.where(ok[0], (c + (gx + gy) / 2) / 2, -1.0).T  # (B, h)
+        score = np.where(overlap_ok, (c + (gx + gy) / 2) / 2, -1.0).T  # (B, h)
         order = np.argsort(-score, axis=1, kind="stable")[:, : cfg.keep]
         best[s:s + B] = np.take_along_axis(score, order[:, :1], axis=1)[:, 0]
         seeds[s:s + B] = hyp[order]
