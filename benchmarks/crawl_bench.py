@@ -125,7 +125,12 @@ def _clipline(config, cand: Path, out: Path, staging: Path) -> dict:
     outcome = crawl_outcome(str(out))
     report = host_report(str(out))
     r0 = report["rounds"][0]
-    return {"wall_s": wall, "worker_cpu_s": _children_cpu() - cpu0, "successes": outcome.successes.num_rows,
+    # The image helper processes are children of the crawl's workers, not of this process, and are not waited
+    # for: their CPU is what they reported, from the shards' stats.
+    helper_cpu = sum(r.get("helper_cpu_s", 0.0) for r in report["rounds"])
+    return {"wall_s": wall, "worker_cpu_s": _children_cpu() - cpu0 + helper_cpu, "helper_cpu_s": helper_cpu,
+            "processed_in_thread": sum(r.get("processed_in_thread", 0) for r in report["rounds"]),
+            "successes": outcome.successes.num_rows,
             "download_s": r0["download_seconds"], "rounds": report["rounds"],
             "round_urls": [r.n_rows for r in rounds], "failures": dict(outcome.reasons),
             "host_totals": report["totals"]}
@@ -192,14 +197,17 @@ def _build_cpu(crawl_dir: Path, work: Path, name: str) -> dict:
 NO_POLITENESS = {"per_host_connections": 64, "per_host_rps": None, "respect_robots": False}
 
 
-def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politeness_off: bool = False) -> dict:
+def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politeness_off: bool = False,
+            in_thread: bool = False, sides: tuple[int, int] = (96, 192)) -> dict:
     from pipelines.synthweb import generate_web
 
     web = work / "healthy-web"
-    generate_web(web, n_urls, seed=0, failure_rate=0.0, min_per_failure_mode=0, heldout_per_class=1)
+    generate_web(web, n_urls, seed=0, failure_rate=0.0, min_per_failure_mode=0, heldout_per_class=1,
+                 min_side=sides[0], max_side=sides[1])
     servers = _serve(web, n_hosts)
     variants = ["img2dataset", "clipline", "clipline_nohash"] + (
-        ["clipline_nopolite", "clipline_nohash_nopolite"] if politeness_off else [])
+        ["clipline_nopolite", "clipline_nohash_nopolite"] if politeness_off else []) + (
+        ["clipline_inthread"] if in_thread else [])
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     order_log = []
     build = {}
@@ -216,11 +224,13 @@ def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politen
                 r = _plain(config, cand, out)
             else:
                 cfg = config.replace(hash_images="nohash" not in name,
+                                     image_processes=0 if name.endswith("inthread") else config.image_processes,
                                      **(NO_POLITENESS if name.endswith("nopolite") else {}))
                 r = _clipline(cfg, cand, out, work / f"staging-{k}")
             runs[name].append(r)
             order_log.append({"variant": name, **{x: r[x] for x in ("wall_s", "download_s", "worker_cpu_s",
-                                                                      "successes")}})
+                                                                      "successes", "helper_cpu_s",
+                                                                      "processed_in_thread") if x in r}})
             print(f"  [{k + 1}/{len(order)}] {name:12s} {r['successes']} images  wall {r['wall_s']:6.2f} s  "
                   f"download {r['download_s']:6.2f} s  worker CPU {r['worker_cpu_s']:6.2f} s", flush=True)
             if name not in build and name in ("img2dataset", "clipline"):  # the first crawl of each, for the build CPU
@@ -249,7 +259,8 @@ def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politen
         b = build_cpu[n]
         per_img[n] = 1000 * (crawl_cpu[n] + b["images_cpu_s"] + b["shard_cpu_s"]) / b["published"]
     return {
-        "n_urls": n_urls, "n_hosts": n_hosts, "repeats": repeats, "summary": summary, "order": order_log,
+        "n_urls": n_urls, "n_hosts": n_hosts, "repeats": repeats, "image_sides": list(sides), "summary": summary,
+        "order": order_log,
         "overhead_wall_pct": 100 * (base["wall_img_s"] / ours["wall_img_s"] - 1),
         "overhead_download_pct": 100 * (base["download_img_s"] / ours["download_img_s"] - 1),
         "overhead_crawl_cpu_pct": 100 * (ours["cpu_ms_per_img"] / base["cpu_ms_per_img"] - 1),
@@ -287,7 +298,8 @@ def run(args) -> dict:
             report["hostile"] = hostile(work, args.hostile_urls, config)
         if args.healthy_urls:
             report["healthy"] = healthy(work, args.healthy_urls, args.hosts, args.repeats, config,
-                                        args.politeness_off)
+                                        args.politeness_off, args.in_thread,
+                                        tuple(int(x) for x in args.sides.split(",")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["load_avg_1m_at_end"] = os.getloadavg()[0]
@@ -309,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=str, default=None, help="also write the raw report here")
     ap.add_argument("--politeness-off", action="store_true",
                     help="also run clipline with politeness off, with and without hashes (separates the costs)")
+    ap.add_argument("--sides", default="96,192",
+                    help="MIN,MAX side in pixels of the healthy web's images (the synthetic web's default: 96,192; "
+                         "web photos are larger, e.g. 320,1024)")
+    ap.add_argument("--in-thread", action="store_true",
+                    help="also run clipline with image_processes 0 (resize and hashes in the download threads)")
     args = ap.parse_args(argv)
     run(args)
     return 0

@@ -51,8 +51,12 @@ class CrawlConfig(Config):
     ``dns_cache_seconds``. ``max_image_pixels``: images declaring more are refused before decoding;
     ``max_image_bytes``: a body larger than this is cut off.
 
-    ``hash_images``: compute each published image's sha256/pHash/dHash/size in the crawl worker (~0.8 ms of CPU per
+    ``hash_images``: compute each published image's sha256/pHash/dHash/size in the crawl (~0.5 ms of CPU per
     image there, none in the images stage).
+
+    ``image_processes``: helper processes per crawl process that resize / re-encode the downloaded images and hash
+    them (:mod:`pipelines.crawl.image_helper`): the crawl process keeps to the network and its GIL. 0 = the download
+    threads do it (in the crawl process). Each helper uses up to one core: count them when sizing ``processes``.
 
     ``staging_dir``: local directory where a round's shards are written before being published to the crawl
     directory (default: the system temp directory); needed because the crawl directory may be ``s3://``.
@@ -90,6 +94,7 @@ class CrawlConfig(Config):
     # pHash/dHash/sha256/size of each published image computed in the crawl worker (the images stage then reads
     # them instead of decoding every image again); off: the images stage decodes and hashes as before.
     hash_images: bool = True
+    image_processes: int = 1
     max_shard_retry: int = 1
     # img2dataset's distributor: "multiprocessing" on one machine, "pyspark" on a Spark cluster (the downloader is
     # pickled to the executors, which need clipline installed and publish their shards themselves).
@@ -123,7 +128,7 @@ class CrawlConfig(Config):
         for name in ("image_size", "processes", "thread_count", "number_sample_per_shard", "max_image_pixels",
                      "max_image_bytes", "per_host_connections", "host_failure_limit", "max_shard_retry"):
             number(name, integer=True, minimum=1)
-        for name in ("min_image_size", "retries", "recrawl_rounds"):
+        for name in ("min_image_size", "retries", "recrawl_rounds", "image_processes"):
             number(name, integer=True, minimum=0)
         number("encode_quality", integer=True, minimum=0)
         check(self.encode_quality <= (9 if self.encode_format == "png" else 100), "crawl.encode_quality",

@@ -83,7 +83,8 @@ def worker_settings(config: CrawlConfig, publish_dir: str, progress_dir: str | N
         user_agent_token=config.user_agent_token.lower(), respect_robots=bool(config.respect_robots),
         robots_timeout=float(config.robots_timeout), dns_cache_seconds=float(config.dns_cache_seconds),
         politeness=politeness_settings(config), publish_dir=publish_dir, progress_dir=progress_dir,
-        log_file=log_file, hash_images=bool(config.hash_images))
+        log_file=log_file, hash_images=bool(config.hash_images),
+        image_processes=int(config.image_processes))
 
 
 def img2dataset_kwargs(config: CrawlConfig, *, url_list: str, output_folder: str, input_format: str = "parquet",

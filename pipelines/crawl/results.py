@@ -177,7 +177,10 @@ def host_report(crawl_dir: str, *, top: int = 20) -> dict:
                            "successes": sum(s.get("successes", 0) for s in stats),
                            "download_seconds": round(max((s["end_time"] for s in stats), default=0)
                                                      - min((s["start_time"] for s in stats), default=0), 3),
-                           "worker_cpu_s": round(sum(s.get("worker_cpu_s", 0.0) for s in stats), 3)})
+                           "worker_cpu_s": round(sum(s.get("worker_cpu_s", 0.0) for s in stats), 3),
+                           "helper_cpu_s": round(sum(s.get("helper_cpu_s", 0.0) for s in stats), 3),
+                           "processed_in_thread": sum(s.get("processed_in_thread", 0) for s in stats),
+                           "helper_deaths": sum(s.get("helper_deaths", 0) for s in stats)})
         for s in stats:
             for host, d in (s.get("hosts") or {}).items():
                 totals.setdefault(host, HostStats()).add(HostStats(**{k: d.get(k, 0) for k in

@@ -8,8 +8,10 @@ each with ``urllib.request.urlopen`` (no per-host limits, a deadline only per so
 retries), then resizes every image in one consumer thread. Here the threads take URLs from a
 :class:`~pipelines.crawl.politeness.ShardScheduler` (per-host connections, rate, back-off, pauses, robots.txt
 first), fetch them through the guarded opener (SSRF guard, cached DNS, a deadline that bounds wall time), and
-resize and hash what they downloaded themselves (pHash/dHash/sha256 of the published image, bit-equal to
-imagehash), so decoding runs on every core; one thread writes. The shard's Parquet gets these columns::
+hand what they downloaded to this process's image helper processes (:mod:`pipelines.crawl.image_helper`), which
+resize it and hash the published image (pHash/dHash/sha256, bit-equal to imagehash) outside this process's GIL;
+with ``image_processes: 0`` the download threads do it themselves. One thread writes. The shard's Parquet gets
+these columns::
 
     reason, fetch_seconds, attempts, timeouts, host, img_sha256, img_width, img_height, img_error, phash, dhash,
     jpg_offset, jpg_size
@@ -21,17 +23,16 @@ counts as done only when all three are there).
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import threading
 import time
 import traceback
 import urllib.error
 import urllib.request
-import warnings
 from dataclasses import dataclass
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -42,11 +43,20 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from img2dataset.downloader import Downloader, compute_key, is_disallowed  # noqa: E402
 from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from pipelines.core import reasons as R  # noqa: E402
 from pipelines.core import storage  # noqa: E402
 from pipelines.crawl import politeness as P  # noqa: E402
+from pipelines.crawl.image_helper import HelperUnavailable, ImageHelperPool  # noqa: E402
+from pipelines.crawl.processing import (  # noqa: E402,F401 - PixelLimitResizer and image_columns: used by engine, tests
+    PixelLimitResizer,
+    Processed,
+    ProcessingSettings,
+    image_columns,
+    install_limits,
+    process_body,
+    quiet_resizer,
+)
 from pipelines.crawl.reasons import http_reason, normalise_reason  # noqa: E402
 from pipelines.crawl.robots import fetch_robots  # noqa: E402
 from pipelines.crawl.ssrf import REASON_PREFIX, AddressPolicy, DnsCache, build_guarded_opener  # noqa: E402
@@ -95,6 +105,7 @@ class WorkerSettings:
     progress_dir: str | None  # local directory for NNNNN.json progress files
     log_file: str | None  # worker stdout/stderr go here
     hash_images: bool = True
+    image_processes: int = 1  # helper processes per crawl process for resize + hashes (0: the download threads)
 
 
 # ---------------------------------------------------------------------------------------------- process set-up
@@ -138,11 +149,6 @@ def process_tools(settings: WorkerSettings) -> dict:
             _process[key] = tools
         tools["politeness"] = P.process_politeness(settings.politeness)
         return tools
-
-
-def install_limits(max_image_pixels: int) -> None:
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 # ------------------------------------------------------------------------------------------------------ fetching
@@ -280,78 +286,6 @@ class CrawlShardWriter(WebDatasetSampleWriter):
         storage.write_table(parquet_uri, table)
 
 
-class PixelLimitResizer:
-    """Wraps img2dataset's Resizer: reads only the image header first and refuses images declaring more than
-    ``max_pixels`` pixels, or whose header cannot be read, before the decoder allocates anything (img2dataset's
-    own max_image_area check runs after a full decode, too late for a decompression bomb)."""
-
-    def __init__(self, resizer, max_pixels: int):
-        self.resizer = resizer
-        self.max_pixels = max_pixels
-
-    def __call__(self, img_stream, blurring_bbox_list=None):
-        img_stream.seek(0)
-        try:
-            with Image.open(img_stream) as probe:
-                width, height = probe.size
-        except Image.DecompressionBombError as exc:
-            return None, None, None, None, None, f"{REASON_PREFIX}too_large: {exc}"
-        except Exception as exc:  # noqa: BLE001 - a header PIL cannot read: refuse rather than guess its size
-            return None, None, None, None, None, f"{REASON_PREFIX}decode_error: unreadable image header ({exc})"
-        if width * height > self.max_pixels:
-            return (None, None, None, None, None,
-                    f"{REASON_PREFIX}too_large: image declares {width}x{height} = {width * height} pixels, "
-                    f"more than max_image_pixels={self.max_pixels}")
-        img_stream.seek(0)
-        return self.resizer(img_stream, blurring_bbox_list)
-
-
-def image_columns(img_str: bytes, max_pixels: int) -> dict:
-    """sha256, decoded size, pHash and dHash of a published image, decoded once here so that the images stage does
-    not decode it again. The hashes are imagehash's (hash_size 8) bit for bit: the same greyscale conversion,
-    LANCZOS resizes and DCT (``pipelines.decontam.hashing``), one conversion shared by both hashes. Per image,
-    this is faster than the batched ``fast_hash`` on images of many different sizes (measured: 0.6 vs 1.2 ms)."""
-    from pipelines.decontam import hashing
-    from pipelines.images import checks
-
-    info = checks.inspect_image(img_str, max_pixels=max_pixels, decode="exact")
-    out = {"img_sha256": hashlib.sha256(img_str).hexdigest(), "img_width": info.width, "img_height": info.height,
-           "img_error": info.error, "phash": None, "dhash": None}
-    if info.error is None:
-        grey = info.image if info.image.mode == "L" else info.image.convert("L")
-        small_p = np.asarray(grey.resize((hashing.PHASH_SIZE, hashing.PHASH_SIZE), hashing.RESAMPLE), np.uint8)
-        small_d = np.asarray(grey.resize((9, 8), hashing.RESAMPLE), np.uint8)
-        out["phash"] = int(hashing.phash64_from_grey(small_p[None])[0])
-        out["dhash"] = int(hashing.dhash64_from_grey(small_d[None])[0])
-    return out
-
-
-@dataclass
-class Processed:
-    """What a download thread made of a downloaded body: img2dataset's resizer output and the image columns."""
-
-    img: bytes | None
-    width: int | None = None
-    height: int | None = None
-    original_width: int | None = None
-    original_height: int | None = None
-    error: str | None = None
-    columns: dict | None = None
-    source_hash: str | None = None
-
-
-def _thread_safe_resizer() -> None:
-    """img2dataset's Resizer silences OpenCV by swapping the process's stdout/stderr file descriptors around each
-    call, which is not thread-safe. In a crawl worker those descriptors already go to the log file, so the swap is
-    turned into a no-op and the resizer can run in the download threads, in parallel (OpenCV and Pillow release
-    the GIL while they decode, resize and encode)."""
-    import contextlib
-
-    import img2dataset.resizer as resizer_module
-
-    resizer_module.SuppressStdoutStderr = contextlib.nullcontext
-
-
 # ----------------------------------------------------------------------------------------------- the downloader
 
 
@@ -365,7 +299,7 @@ class CrawlDownloader(Downloader):
     def __call__(self, row):
         _redirect_output(self.settings.log_file)
         install_limits(self.settings.max_image_pixels)
-        _thread_safe_resizer()
+        quiet_resizer()
         try:
             self.download_shard(row)
             return (True, row)
@@ -419,21 +353,38 @@ class CrawlDownloader(Downloader):
                                 retry=retry)
         return finished, res
 
-    def _process(self, data: bytes) -> Processed:
-        """Resize/re-encode (img2dataset's Resizer) and hash one downloaded body, in the download thread."""
-        import io
+    def _processing_settings(self) -> ProcessingSettings:
+        return ProcessingSettings(resizer=self.resizer, max_image_pixels=self.settings.max_image_pixels,
+                                  compute_hash=self.compute_hash, hash_images=self.settings.hash_images)
 
-        img, width, height, original_width, original_height, error = self.resizer(io.BytesIO(data), None)
-        if error is not None:
-            return Processed(None, error=error)
-        out = Processed(img, width, height, original_width, original_height)
-        if self.compute_hash is not None:
-            out.source_hash = getattr(hashlib, self.compute_hash)(data).hexdigest()
-        if self.settings.hash_images:
-            out.columns = image_columns(img, self.settings.max_image_pixels)
-        return out
+    def _helpers(self) -> ImageHelperPool | None:
+        """This process's image helper processes (started at its first shard, kept for the next ones)."""
+        n = self.settings.image_processes
+        if n < 1:
+            return None
+        settings = self._processing_settings()
+        setup = pickle.dumps(settings, protocol=pickle.HIGHEST_PROTOCOL)  # the downloader is unpickled per shard
+        with _process_lock:
+            pool = _process.get("helpers")
+            if pool is not None and (pool.setup != setup or pool.n != n):
+                pool.close()
+                pool = None
+            if pool is None:
+                pool = _process["helpers"] = ImageHelperPool(settings, n, name=f"image-helper-{os.getpid()}")
+            return pool
 
-    def _thread_loop(self, sched, tools, results, errors) -> None:
+    def _process(self, data: bytes, helpers: ImageHelperPool | None) -> Processed:
+        """Resize/re-encode (img2dataset's Resizer) and hash one downloaded body: in a helper process, or in this
+        download thread when there is none."""
+        if helpers is not None:
+            try:
+                return helpers.process(data)
+            except HelperUnavailable:
+                pass
+        self._in_thread += 1  # a lost update under a race only skews a statistic
+        return process_body(self._processing_settings(), data)
+
+    def _thread_loop(self, sched, tools, results, errors, helpers) -> None:
         while True:
             task = sched.take()
             if task is None:
@@ -442,7 +393,7 @@ class CrawlDownloader(Downloader):
             try:
                 finished, res = self._run_task(sched, tools, task)
                 if finished and res.data is not None:
-                    processed = self._process(res.data)
+                    processed = self._process(res.data, helpers)
                     res.data = None  # only the published image is kept from here on
             except Exception as exc:  # noqa: BLE001 - a bug must not lose a row: it ends with its message
                 errors.append(traceback.format_exc())
@@ -488,7 +439,9 @@ class CrawlDownloader(Downloader):
                                  respect_robots=s.respect_robots)
         results: queue.Queue = queue.Queue(maxsize=self.thread_count * 2)  # bounds images held in memory
         errors: list[str] = []
-        threads = [threading.Thread(target=self._thread_loop, args=(sched, tools, results, errors), daemon=True,
+        helpers = self._helpers()
+        helper_cpu0, deaths0, self._in_thread = (helpers.cpu_s(), helpers.deaths, 0) if helpers else (0.0, 0, 0)
+        threads = [threading.Thread(target=self._thread_loop, args=(sched, tools, results, errors, helpers), daemon=True,
                                     name=f"crawl-{shard_id}-{i}") for i in range(self.thread_count)]
         for t in threads:
             t.start()
@@ -560,6 +513,11 @@ class CrawlDownloader(Downloader):
             "hosts": {h: st.to_dict() for h, st in sorted(sched.stats.items())},
             "hosts_paused": tools["politeness"].paused_hosts(),
             "worker_cpu_s": round(time.process_time() - cpu0, 3),
+            # image helper processes: their CPU in this shard (their start included), images the download threads
+            # processed themselves (while the helpers started, or without helpers), helpers that died
+            "helper_cpu_s": round(helpers.cpu_s() - helper_cpu0, 3) if helpers else 0.0,
+            "processed_in_thread": self._in_thread,
+            "helper_deaths": helpers.deaths - deaths0 if helpers else 0,
         }
         # Publish: tar and Parquet first (in key order: same layout whatever the timing), the stats file last (its
         # presence means the shard is finished).

@@ -1,0 +1,181 @@
+"""The crawl's image helper processes: the same output as processing in the download thread, images that survive a
+helper's death, an image that kills its helper twice refused with a reason, helpers that end with their crawl
+process, and a crawl with and without helpers publishing the same shards."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.crawl.image_helper import ImageHelperPool
+from pipelines.crawl.processing import (
+    PixelLimitResizer,
+    ProcessingSettings,
+    install_limits,
+    process_body,
+    quiet_resizer,
+)
+
+POISON = b"\x89POISON"
+
+
+class PoisonResizer:
+    """A resizer that kills its process on the POISON body (a decoder crash on a hostile image), else delegates."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        if img_stream.getvalue() == POISON:
+            os._exit(70)
+        return self.inner(img_stream, blurring_bbox_list)
+
+
+def _resizer(max_pixels: int = 4_000_000):
+    from img2dataset.resizer import Resizer
+
+    return PixelLimitResizer(Resizer(image_size=64, resize_mode="keep_ratio_largest", resize_only_if_bigger=True,
+                                     encode_quality=95, encode_format="jpg", min_image_size=0,
+                                     max_image_area=max_pixels), max_pixels)
+
+
+def _bodies() -> list[bytes]:
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(40):
+        h, w = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        base = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(base).resize((w, h), Image.BICUBIC))
+        arr = np.clip(arr + rng.normal(0, 6, arr.shape), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        buf = io.BytesIO()
+        if i % 5 == 1:
+            img.convert("L").save(buf, "JPEG", quality=80)
+        elif i % 5 == 2:
+            img.convert("RGBA").save(buf, "PNG")
+        elif i % 5 == 3:
+            img.save(buf, "WEBP")
+        else:
+            img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    out.append(out[0][: len(out[0]) // 2])  # truncated JPEG
+    bomb = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(bomb, "PNG")  # declares 9 MP > the 4 MP limit
+    out.append(bomb.getvalue())
+    return out
+
+
+@pytest.fixture(scope="module")
+def settings():
+    quiet_resizer()
+    saved = Image.MAX_IMAGE_PIXELS
+    install_limits(4_000_000)  # as a crawl worker and its helpers do
+    yield ProcessingSettings(resizer=_resizer(), max_image_pixels=4_000_000, compute_hash="sha256",
+                             hash_images=True)
+    Image.MAX_IMAGE_PIXELS = saved
+
+
+def _comparable(p):
+    # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" names an address: compare the rest
+    return (p.img, p.width, p.height, p.original_width, p.original_height, p.columns, p.source_hash,
+            None if p.error is None else p.error.split(" at 0x")[0])
+
+
+def test_helpers_give_what_the_download_thread_would(settings):
+    bodies = _bodies()
+    local = [_comparable(process_body(settings, b)) for b in bodies]
+    assert sum(1 for p in local if p[0] is not None) >= 38 and sum(1 for p in local if p[7] is not None) == 2
+    pool = ImageHelperPool(settings, 2)
+    try:
+        assert pool.wait_ready(60)
+        with ThreadPoolExecutor(16) as ex:
+            remote = [_comparable(p) for p in ex.map(pool.process, bodies)]
+        assert remote == local
+        assert pool.cpu_s() > 0
+    finally:
+        pool.close()
+
+
+def test_images_survive_a_helper_killed_mid_batch(settings):
+    bodies = _bodies() * 5
+    local = [_comparable(process_body(settings, b)) for b in bodies]
+    pool = ImageHelperPool(settings, 1)
+    try:
+        assert pool.wait_ready(60)
+        victim = pool.pids()[0]
+        with ThreadPoolExecutor(32) as ex:
+            futures = [ex.submit(pool.process, b) for b in bodies]
+            time.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+            remote = [_comparable(f.result(timeout=120)) for f in futures]
+        assert remote == local
+        assert pool.deaths == 1 and pool.pids() and victim not in pool.pids()
+    finally:
+        pool.close()
+
+
+def test_an_image_that_kills_its_helper_twice_is_refused_and_the_others_go_on(settings):
+    poisoned = ProcessingSettings(resizer=PoisonResizer(settings.resizer), max_image_pixels=4_000_000,
+                                  compute_hash="sha256", hash_images=True)
+    good = _bodies()[0]
+    pool = ImageHelperPool(poisoned, 1)
+    try:
+        assert pool.wait_ready(60)
+        out = pool.process(POISON)
+        assert out.img is None and out.error.startswith("clipline:decode_error:")
+        from pipelines.crawl import normalise_reason
+
+        assert normalise_reason(out.error) == "decode_error"
+        assert pool.deaths >= 1
+        # the pool still answers (a third helper was started; until it is ready the caller is told to do it itself)
+        assert pool.wait_ready(60)
+        assert _comparable(pool.process(good)) == _comparable(process_body(settings, good))
+    finally:
+        pool.close()
+
+
+def test_a_helper_exits_when_its_crawl_process_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from tests.test_crawl_image_helper import _resizer\n"
+        "from pipelines.crawl.image_helper import ImageHelperPool\n"
+        "from pipelines.crawl.processing import ProcessingSettings\n"
+        "pool = ImageHelperPool(ProcessingSettings(_resizer(), 4_000_000, None, True), 2)\n"
+        "assert pool.wait_ready(60)\n"
+        "print(*pool.pids(), flush=True)\n"
+        "time.sleep(600)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    try:
+        pids = [int(x) for x in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_running(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has exited (its parent reaps it)
+    except FileNotFoundError:
+        return False
+
+
+def test_usage_line_when_started_by_hand():
+    r = subprocess.run([sys.executable, "-m", "pipelines.crawl.image_helper"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage:" in r.stderr
