@@ -198,10 +198,10 @@ NO_POLITENESS = {"per_host_connections": 64, "per_host_rps": None, "respect_robo
 
 
 def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politeness_off: bool = False,
-            in_thread: bool = False, sides: tuple[int, int] = (96, 192)) -> dict:
+            in_thread: bool = False, sides: tuple[int, int] = (96, 192), cache: Path | None = None) -> dict:
     from pipelines.synthweb import generate_web
 
-    web = work / "healthy-web"
+    web = (cache or work) / f"healthy-web-{n_urls}-{sides[0]}-{sides[1]}"  # a complete cached web is reused
     generate_web(web, n_urls, seed=0, failure_rate=0.0, min_per_failure_mode=0, heldout_per_class=1,
                  min_side=sides[0], max_side=sides[1])
     servers = _serve(web, n_hosts)
@@ -299,7 +299,8 @@ def run(args) -> dict:
         if args.healthy_urls:
             report["healthy"] = healthy(work, args.healthy_urls, args.hosts, args.repeats, config,
                                         args.politeness_off, args.in_thread,
-                                        tuple(int(x) for x in args.sides.split(",")))
+                                        tuple(int(x) for x in args.sides.split(",")),
+                                        Path(args.web_cache) if args.web_cache else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["load_avg_1m_at_end"] = os.getloadavg()[0]
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sides", default="96,192",
                     help="MIN,MAX side in pixels of the healthy web's images (the synthetic web's default: 96,192; "
                          "web photos are larger, e.g. 320,1024)")
+    ap.add_argument("--web-cache", default=None, help="keep the generated healthy webs here between runs")
     ap.add_argument("--in-thread", action="store_true",
                     help="also run clipline with image_processes 0 (resize and hashes in the download threads)")
     args = ap.parse_args(argv)

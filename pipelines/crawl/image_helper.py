@@ -13,11 +13,14 @@ the pickled :class:`~pipelines.crawl.processing.ProcessingSettings` once, then `
 the helper says ``READY`` once its imports are done (until then, ~0.5-1 s, the download threads process images
 themselves), then answers ``seq + its CPU seconds so far (8 bytes) + pickle(Processed)`` in order (the CPU goes to
 the shard's stats as ``helper_cpu_s``: a helper is not a child the crawl's caller waits for, so its CPU would
-not show in the caller's resource usage). A download thread waits for its own answer, so at most
-``thread_count`` bodies are in flight per crawl process. The helper exits when its socket closes (the crawl
-process ended or was killed). When a helper dies (a decoder crash on a hostile image, a kill), its pending images
-are sent again to a fresh helper; an image pending at two helper deaths is refused as ``decode_error``. When no
-helper can be started, the images are processed in the download threads (the same function, the same output).
+not show in the caller's resource usage). A download thread hands its body over and goes on downloading; a
+reader thread per helper passes each answer to the image's callback (which queues the row for the shard writer).
+Memory stays bounded: a body is sent at once (a download thread waits while the socket is full) and kept only
+until its answer. The helper exits when its socket closes (the crawl process ended or was killed). When a helper
+dies (a decoder crash on a hostile image, a kill) or gives no answer for ``ANSWER_TIMEOUT_S`` while it has images,
+its pending images are sent again to a fresh helper; an image pending at two helper deaths is refused as
+``decode_error``. When no helper can be started, the images are processed in the download threads (the same
+function, the same output).
 
     python -m pipelines.crawl.image_helper FD      # the helper side; started by ImageHelperPool only
 """
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -63,18 +67,19 @@ class _Failure:
 
 
 class _Pending:
-    __slots__ = ("event", "payload", "error")
+    """An image handed to the helpers: its body (kept until answered, to be sent again if its helper dies) and the
+    callback that gets the answer."""
 
-    def __init__(self):
-        self.event = threading.Event()
-        self.payload: bytes | None = None
-        self.error: str | None = None
+    __slots__ = ("seq", "data", "done", "deaths")
+
+    def __init__(self, seq: int, data: bytes, done: Callable[[Processed | Exception], None]):
+        self.seq, self.data, self.done, self.deaths = seq, data, done, 0
 
 
 class _Helper:
-    """One helper process and the thread that reads its answers."""
+    """One helper process and the thread that reads its answers (and calls the images' callbacks)."""
 
-    def __init__(self, setup: bytes, name: str):
+    def __init__(self, setup: bytes, name: str, on_death: Callable[[_Pending, str], None]):
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
@@ -91,6 +96,7 @@ class _Helper:
         # on it (and the helper would not see its end of input); shutting the socket down does both.
         self.sock = parent
         self.conn = Connection(os.dup(parent.fileno()))
+        self.on_death = on_death
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
         self.pending: dict[int, _Pending] = {}
@@ -104,6 +110,13 @@ class _Helper:
     def _read(self) -> None:
         try:
             while True:
+                if not self.conn.poll(ANSWER_TIMEOUT_S):
+                    if self.pending:  # images waiting and no answer for that long: the helper is stuck
+                        print(f"clipline: image helper process {self.proc.pid} gave no answer in "
+                              f"{ANSWER_TIMEOUT_S:g} s; killing it", flush=True)
+                        self.proc.kill()
+                        break
+                    continue
                 msg = self.conn.recv_bytes()
                 seq = int.from_bytes(msg[:SEQ_BYTES], "big")
                 self.cpu_s = struct.unpack("<d", msg[SEQ_BYTES:SEQ_BYTES + CPU_BYTES])[0]
@@ -111,49 +124,39 @@ class _Helper:
                     self.ready = True
                     continue
                 with self.lock:
-                    slot = self.pending.pop(seq, None)
-                if slot is not None:
-                    slot.payload = msg[SEQ_BYTES + CPU_BYTES:]
-                    slot.event.set()
+                    item = self.pending.pop(seq, None)
+                if item is not None:
+                    out = pickle.loads(msg[SEQ_BYTES + CPU_BYTES:])
+                    item.done(RuntimeError(out.message) if isinstance(out, _Failure) else out)
         except (EOFError, OSError):
             pass
-        self._die()
+        with self.lock:
+            self.alive = False
+            pending, self.pending = self.pending, {}
+        try:
+            self.proc.wait(timeout=5)  # reaped here: its CPU then counts for the crawl process's children
+        except subprocess.TimeoutExpired:
+            pass
+        why = f"helper process {self.proc.pid} exited (rc {self.proc.poll()})"
+        for item in sorted(pending.values(), key=lambda i: i.seq):
+            self.on_death(item, why)
+        self._shutdown()
         try:
             self.conn.close()
         except OSError:
             pass
 
-    def _die(self) -> None:
-        with self.lock:
-            self.alive = False
-            pending, self.pending = self.pending, {}
-        rc = self.proc.poll()
-        for slot in pending.values():
-            slot.error = f"helper process {self.proc.pid} exited (rc {rc})"
-            slot.event.set()
-
-    def call(self, seq: int, data: bytes) -> Processed:
-        slot = _Pending()
+    def submit(self, item: _Pending) -> None:
+        """Send ``item`` to this helper; :class:`_HelperDied` if it is gone (then nothing was registered)."""
         with self.lock:
             if not self.alive:
-                raise _HelperDied("helper process is gone")
-            self.pending[seq] = slot
+                raise _HelperDied(f"helper process {self.proc.pid} is gone")
+            self.pending[item.seq] = item
         try:
             with self.send_lock:
-                self.conn.send_bytes(seq.to_bytes(SEQ_BYTES, "big") + data)
-        except OSError:
+                self.conn.send_bytes(item.seq.to_bytes(SEQ_BYTES, "big") + item.data)
+        except OSError:  # the helper died: the reader thread hands its pending images (this one too) back
             self.kill()
-        if not slot.event.wait(ANSWER_TIMEOUT_S):  # a helper stuck on one image: it is killed, its images move on
-            print(f"clipline: image helper process {self.proc.pid} gave no answer in {ANSWER_TIMEOUT_S:g} s; "
-                  f"killing it", flush=True)
-            self.kill()
-            slot.event.wait()
-        if slot.error is not None:
-            raise _HelperDied(slot.error)
-        out = pickle.loads(slot.payload)
-        if isinstance(out, _Failure):
-            raise RuntimeError(out.message)
-        return out
 
     def load(self) -> int:
         return len(self.pending)
@@ -181,11 +184,11 @@ class _Helper:
             self.proc.kill()
             self.proc.wait()
         self.reader.join(timeout=5)
-        self.conn.close()
 
 
 class ImageHelperPool:
-    """``n`` helper processes for one crawl process; :meth:`process` is called by the download threads."""
+    """``n`` helper processes for one crawl process; the download threads :meth:`submit` their bodies and go on
+    downloading, the answers come back through callbacks (from the helpers' reader threads)."""
 
     def __init__(self, settings: ProcessingSettings, n: int, name: str = "image-helper"):
         if n < 1:
@@ -210,7 +213,7 @@ class ImageHelperPool:
             return
         self.starts += 1
         try:
-            self.helpers.append(_Helper(self.setup, f"{self.name}-{self.starts}"))
+            self.helpers.append(_Helper(self.setup, f"{self.name}-{self.starts}", self._helper_died))
         except OSError as exc:
             self.failed_start = f"{type(exc).__name__}: {exc}"
             print(f"clipline: could not start an image helper process ({self.failed_start}); images are "
@@ -240,23 +243,45 @@ class ImageHelperPool:
                 raise HelperUnavailable("image helper processes are starting")
             time.sleep(0.01)
 
-    def process(self, data: bytes) -> Processed:
-        """The helpers' :func:`~pipelines.crawl.processing.process_body` of ``data``. :class:`HelperUnavailable`
-        when no helper is ready (the caller processes the image itself). An image whose helper died is sent to
-        another one (waiting for it to start); an image that was with two helpers when they died, or that no other
-        helper can take, is refused as ``decode_error`` and never processed in the crawl process (it may be an
-        image that crashes the decoder)."""
-        seq = next(self.seq)
+    def submit(self, data: bytes, done: Callable[[Processed | Exception], None]) -> None:
+        """Hand ``data`` to a helper; ``done`` gets its :class:`~pipelines.crawl.processing.Processed` (or the
+        exception ``process_body`` raised) later, from another thread. :class:`HelperUnavailable` when no helper
+        is ready (the caller processes the image itself). An image whose helper died is sent to another one
+        (waiting for it to start); an image that was with two helpers when they died, or that no other helper can
+        take, is refused as ``decode_error`` and never processed in the crawl process (it may be an image that
+        crashes the decoder)."""
+        item = _Pending(next(self.seq), data, done)
+        helper = self._pick()
         try:
-            return self._pick().call(seq, data)
+            helper.submit(item)
         except _HelperDied as exc:
-            first = exc
-        try:
-            return self._pick(wait=True).call(seq, data)
-        except (_HelperDied, HelperUnavailable) as exc:
-            return Processed(None, error=f"{REASON_PREFIX}decode_error: the image processing process exited "
-                                         f"while it had this image ({first}), and again or no other could take "
-                                         f"it ({exc})")
+            self._helper_died(item, str(exc))
+
+    def _helper_died(self, item: _Pending, why: str) -> None:
+        item.deaths += 1
+        if item.deaths < 2:
+            try:
+                self._pick(wait=True).submit(item)
+                return
+            except (HelperUnavailable, _HelperDied) as exc:
+                why = f"{why}; no other could take it ({exc})"
+        item.done(Processed(None, error=f"{REASON_PREFIX}decode_error: the image processing process exited "
+                                        f"while it had this image ({why})"))
+
+    def process(self, data: bytes) -> Processed:
+        """:meth:`submit` and wait for the answer (raises what ``process_body`` raised)."""
+        box: list = []
+        event = threading.Event()
+
+        def done(out):
+            box.append(out)
+            event.set()
+
+        self.submit(data, done)
+        event.wait()
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
 
     def cpu_s(self) -> float:
         """CPU seconds the helpers have used, as last reported by each (imports included)."""

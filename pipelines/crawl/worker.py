@@ -373,39 +373,58 @@ class CrawlDownloader(Downloader):
                 pool = _process["helpers"] = ImageHelperPool(settings, n, name=f"image-helper-{os.getpid()}")
             return pool
 
-    def _process(self, data: bytes, helpers: ImageHelperPool | None) -> Processed:
-        """Resize/re-encode (img2dataset's Resizer) and hash one downloaded body: in a helper process, or in this
-        download thread when there is none."""
+    @staticmethod
+    def _failed(exc: BaseException) -> FetchResult:
+        """What a URL ends with when clipline's own code failed on it (a bug must not lose a row)."""
+        return FetchResult(None, "other:" + " ".join(str(exc).split())[:100], f"worker error: {exc}")
+
+    def _hand_over(self, task, res: FetchResult, helpers: ImageHelperPool | None, results, errors) -> None:
+        """The downloaded body of a finished URL to the helpers (the row reaches ``results`` when they answer,
+        while this thread downloads on), or processed here when no helper is ready."""
+        data, res.data = res.data, None  # only the published image is kept from here on
         if helpers is not None:
+            def done(out, task=task, res=res):
+                if isinstance(out, Exception):
+                    errors.append(f"image processing of {task.url}: {type(out).__name__}: {out}")
+                    results.put((task, self._failed(out), None))
+                else:
+                    results.put((task, res, out))
+
             try:
-                return helpers.process(data)
+                helpers.submit(data, done)
+                return
             except HelperUnavailable:
                 pass
         self._in_thread += 1  # a lost update under a race only skews a statistic
-        return process_body(self._processing_settings(), data)
+        try:
+            processed = process_body(self._processing_settings(), data)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(traceback.format_exc())
+            results.put((task, self._failed(exc), None))
+            return
+        results.put((task, res, processed))
 
     def _thread_loop(self, sched, tools, results, errors, helpers) -> None:
         while True:
             task = sched.take()
             if task is None:
                 return
-            processed = None
             try:
                 finished, res = self._run_task(sched, tools, task)
-                if finished and res.data is not None:
-                    processed = self._process(res.data, helpers)
-                    res.data = None  # only the published image is kept from here on
             except Exception as exc:  # noqa: BLE001 - a bug must not lose a row: it ends with its message
                 errors.append(traceback.format_exc())
                 try:
                     sched.finish(task, reason="other:worker error", requested=False)
                 except Exception:  # noqa: BLE001
                     pass
-                finished, res = True, FetchResult(None, "other:" + " ".join(str(exc).split())[:100],
-                                                  f"worker error: {exc}")
-                processed = None
-            if finished:
-                results.put((task, res, processed))
+                results.put((task, self._failed(exc), None))
+                continue
+            if not finished:
+                continue
+            if res.data is None:
+                results.put((task, res, None))
+            else:
+                self._hand_over(task, res, helpers, results, errors)
 
     # -- one shard, in the worker process
     def download_shard(self, row):  # noqa: C901 - mirrors img2dataset's download_shard
