@@ -285,14 +285,15 @@ def run(args) -> dict:
 
     config = CrawlConfig(allow_cidrs=ALLOW, processes=args.processes, thread_count=args.threads,
                          number_sample_per_shard=args.shard, image_size=128, retries=1, timeout=10,
-                         max_download_seconds=10, recrawl_rounds=1)
+                         max_download_seconds=10, recrawl_rounds=1, image_processes=args.image_processes)
     work = Path(tempfile.mkdtemp(prefix="crawl_bench_"))
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
               "config": {k: v for k, v in config.to_dict().items()
-                         if k in ("processes", "thread_count", "number_sample_per_shard", "image_size", "retries",
+                         if k in ("processes", "thread_count", "image_processes", "number_sample_per_shard", "image_size", "retries",
                                   "timeout", "max_download_seconds", "per_host_connections", "per_host_rps",
                                   "host_failure_limit", "recrawl_rounds")}}
+    report["config"]["image_processes_resolved"] = config.image_processes_per_process()
     try:
         if args.hostile_urls:
             report["hostile"] = hostile(work, args.hostile_urls, config)
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sides", default="96,192",
                     help="MIN,MAX side in pixels of the healthy web's images (the synthetic web's default: 96,192; "
                          "web photos are larger, e.g. 320,1024)")
+    ap.add_argument("--image-processes", type=int, default=None,
+                    help="clipline's image helper processes per crawl process (crawl.image_processes; default: "
+                         "the crawl's default, cores / processes, 1..4)")
     ap.add_argument("--web-cache", default=None, help="keep the generated healthy webs here between runs")
     ap.add_argument("--in-thread", action="store_true",
                     help="also run clipline with image_processes 0 (resize and hashes in the download threads)")

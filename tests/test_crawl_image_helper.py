@@ -179,3 +179,19 @@ def _running(pid: int) -> bool:
 def test_usage_line_when_started_by_hand():
     r = subprocess.run([sys.executable, "-m", "pipelines.crawl.image_helper"], capture_output=True, text=True)
     assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_image_processes_setting():
+    from pipelines.core.errors import ConfigError
+    from pipelines.crawl import CrawlConfig
+
+    cores = os.cpu_count() or 1
+    assert CrawlConfig().image_processes is None
+    assert CrawlConfig().image_processes_per_process() == max(1, min(4, cores))
+    assert CrawlConfig(processes=64).image_processes_per_process() == 1
+    assert CrawlConfig(distributor="pyspark").image_processes_per_process() == 1
+    assert CrawlConfig(image_processes=0).image_processes_per_process() == 0
+    assert CrawlConfig.from_dict({"image_processes": 3}).image_processes_per_process() == 3
+    for bad in (-1, 1.5, "two", True):
+        with pytest.raises(ConfigError, match="crawl.image_processes"):
+            CrawlConfig(image_processes=bad)

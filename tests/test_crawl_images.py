@@ -64,3 +64,28 @@ def test_pool_is_identical_without_reading_the_tars(crawl_dir, monkeypatch, tmp_
     assert fast.rejected.get("dedup:exact_duplicate") == 2, fast.rejected
     assert _pool_bytes(tmp_path / "pool-fast") == _pool_bytes(tmp_path / "pool-slow")
     assert (tmp_path / "rej-fast.parquet").read_bytes() == (tmp_path / "rej-slow.parquet").read_bytes()
+
+
+def test_helpers_and_download_threads_publish_the_same_shards(tmp_path):
+    """image_processes 0 (the download threads resize and hash) and 2 (helper processes) give the same tars and
+    the same Parquet rows, timings aside."""
+    with HostileWeb(HOSTS) as web:
+        urls = [web.url(HOSTS[i % 3], f"/ok/h{i}.jpg") for i in range(30)]
+        urls += [web.url(HOSTS[0], "/big/h.jpg"), web.url(HOSTS[1], "/status/500/z.jpg")]
+        rows = [{"uid": hashlib.sha256(u.encode()).hexdigest()[:32], "url": u, "caption": f"p {i}",
+                 "entry_ids": [i % 4], "lang": "en", "lang_score": 1.0, "keep_prob": 1.0} for i, u in enumerate(urls)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "candidates.parquet")
+        out = {}
+        for n in (0, 2):
+            crawl_all(tmp_path / "candidates.parquet", tmp_path / f"crawl{n}",
+                      CONFIG.replace(staging_dir=str(tmp_path / f"staging{n}"), image_processes=n))
+            out[n] = crawl_shard_files(str(tmp_path / f"crawl{n}"))
+    assert len(out[0]) == len(out[2]) >= 2
+    ok = 0
+    for (_r0, pq0, tar0), (_r2, pq2, tar2) in zip(out[0], out[2]):
+        with open(tar0, "rb") as a, open(tar2, "rb") as b:
+            assert a.read() == b.read()
+        t0, t2 = (pq.read_table(p).drop_columns(["fetch_seconds"]) for p in (pq0, pq2))
+        assert t0.to_pylist() == t2.to_pylist()
+        ok += sum(1 for s in t0.column("status").to_pylist() if s == "success")
+    assert ok >= 30

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +56,10 @@ class CrawlConfig(Config):
     image there, none in the images stage).
 
     ``image_processes``: helper processes per crawl process that resize / re-encode the downloaded images and hash
-    them (:mod:`pipelines.crawl.image_helper`): the crawl process keeps to the network and its GIL. 0 = the download
-    threads do it (in the crawl process). Each helper uses up to one core: count them when sizing ``processes``.
+    them (:mod:`pipelines.crawl.image_helper`): the crawl process keeps to the network and its GIL, the helpers use
+    the cores. None (default) = the machine's cores divided by ``processes``, at least 1 and at most 4 (1 with the
+    pyspark distributor, whose executors share machines in ways the driver does not see); 0 = the download threads
+    do it in the crawl process. Each busy helper uses one core.
 
     ``staging_dir``: local directory where a round's shards are written before being published to the crawl
     directory (default: the system temp directory); needed because the crawl directory may be ``s3://``.
@@ -94,7 +97,7 @@ class CrawlConfig(Config):
     # pHash/dHash/sha256/size of each published image computed in the crawl worker (the images stage then reads
     # them instead of decoding every image again); off: the images stage decodes and hashes as before.
     hash_images: bool = True
-    image_processes: int = 1
+    image_processes: int | None = None
     max_shard_retry: int = 1
     # img2dataset's distributor: "multiprocessing" on one machine, "pyspark" on a Spark cluster (the downloader is
     # pickled to the executors, which need clipline installed and publish their shards themselves).
@@ -128,8 +131,9 @@ class CrawlConfig(Config):
         for name in ("image_size", "processes", "thread_count", "number_sample_per_shard", "max_image_pixels",
                      "max_image_bytes", "per_host_connections", "host_failure_limit", "max_shard_retry"):
             number(name, integer=True, minimum=1)
-        for name in ("min_image_size", "retries", "recrawl_rounds", "image_processes"):
+        for name in ("min_image_size", "retries", "recrawl_rounds"):
             number(name, integer=True, minimum=0)
+        number("image_processes", integer=True, minimum=0, optional=True)
         number("encode_quality", integer=True, minimum=0)
         check(self.encode_quality <= (9 if self.encode_format == "png" else 100), "crawl.encode_quality",
               f"must be <= {9 if self.encode_format == 'png' else 100} for {self.encode_format}, "
@@ -173,6 +177,14 @@ class CrawlConfig(Config):
 
     def per_process_rps(self) -> float | None:
         return None if self.per_host_rps is None else self.per_host_rps / self.processes
+
+    def image_processes_per_process(self) -> int:
+        """``image_processes``, or its default: this machine's cores / ``processes`` (1..4; 1 on pyspark)."""
+        if self.image_processes is not None:
+            return self.image_processes
+        if self.distributor == "pyspark":
+            return 1
+        return max(1, min(4, (os.cpu_count() or 1) // self.processes))
 
     # ---- compatibility and files
     @classmethod

@@ -84,7 +84,7 @@ def worker_settings(config: CrawlConfig, publish_dir: str, progress_dir: str | N
         robots_timeout=float(config.robots_timeout), dns_cache_seconds=float(config.dns_cache_seconds),
         politeness=politeness_settings(config), publish_dir=publish_dir, progress_dir=progress_dir,
         log_file=log_file, hash_images=bool(config.hash_images),
-        image_processes=int(config.image_processes))
+        image_processes=config.image_processes_per_process())
 
 
 def img2dataset_kwargs(config: CrawlConfig, *, url_list: str, output_folder: str, input_format: str = "parquet",
