@@ -1,8 +1,33 @@
 """Evaluation-set decontamination: perceptual-hash index with robustness variants, multi-index Hamming search,
-a stricter re-aligned verification, a Beam step that drops matching pool samples, and contamination audits."""
-from pipelines.decontam.detector import DetectorConfig, EvalIndex, Match, find_matches, match_batch
-from pipelines.decontam.hashing import dhash64_batch, hamming, phash64_batch
-from pipelines.decontam.mih import MultiIndexHash, brute_force_search
+a stricter re-aligned verification, a Beam step that drops matching pool samples, and contamination audits.
 
-__all__ = ["DetectorConfig", "EvalIndex", "Match", "MultiIndexHash", "brute_force_search", "dhash64_batch",
-           "find_matches", "hamming", "match_batch", "phash64_batch"]
+The names below are loaded on first use: importing a submodule (``pipelines.decontam.hashing``) does not import
+the detector."""
+import importlib
+
+_EXPORTS = {
+    "DetectorConfig": "pipelines.decontam.detector",
+    "EvalIndex": "pipelines.decontam.detector",
+    "Match": "pipelines.decontam.detector",
+    "find_matches": "pipelines.decontam.detector",
+    "match_batch": "pipelines.decontam.detector",
+    "dhash64_batch": "pipelines.decontam.hashing",
+    "hamming": "pipelines.decontam.hashing",
+    "phash64_batch": "pipelines.decontam.hashing",
+    "MultiIndexHash": "pipelines.decontam.mih",
+    "brute_force_search": "pipelines.decontam.mih",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipelines.decontam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
