@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import tempfile
+import typing
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,6 +143,18 @@ def write_one_shard(index: int, rows: list[dict], dest: str) -> dict:
     return result
 
 
+def _rows_to_ipc(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    table = pa.Table.from_pylist(rows, schema=sample_schema.SCHEMA)
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _rows_from_ipc(data: bytes) -> list[dict]:
+    return pa.ipc.open_stream(data).read_all().to_pylist()
+
+
 def _load_kept(kept_uids: Sequence[str] | str) -> list[str]:
     if isinstance(kept_uids, str):
         return [r["uid"] for r in read_rows([kept_uids], columns=["uid"])]
@@ -191,11 +204,14 @@ class ShardStage(Stage):
             raise ShardError(f"{len(missing)} kept uid(s) are not ok rows of the pool {pool_dir}, e.g. {missing[0]}")
         plan = plan_shards(rows, cfg.samples_per_shard, cfg.seed)
         _remove_stale(dest, len(plan))
+        # Each shard's rows travel as one Arrow IPC buffer: as Python dicts, Beam would infer a type from every
+        # value of every row and encode them one by one through the reshuffle (~0.8 ms of CPU a row, measured).
+        payloads = [(i, _rows_to_ipc(rows)) for i, rows in enumerate(plan)]
         with beam.Pipeline(options=pipeline_options(self.beam_args)) as p:
             _ = (p
-                 | "Plan" >> beam.Create(list(enumerate(plan)))
+                 | "Plan" >> beam.Create(payloads).with_output_types(typing.Tuple[int, bytes])
                  | "Spread" >> beam.Reshuffle()
-                 | "WriteShard" >> beam.Map(lambda item: write_one_shard(item[0], item[1], dest)))
+                 | "WriteShard" >> beam.Map(lambda item: write_one_shard(item[0], _rows_from_ipc(item[1]), dest)))
         # Markers (not Beam's in-memory results) are the record, so a runner on other machines works the same.
         shards = [markers.read(storage.join(dest, DONE_DIR, f"{i:05d}.json"))["result"] for i in range(len(plan))]
         sizes = {s["name"]: s["n"] for s in shards}
