@@ -13,43 +13,18 @@ that crawls must keep its work under ``if __name__ == "__main__":`` (CLIs with e
 Crawling from a worker thread (a Prefect task) is supported.
 """
 
-import importlib
+from pipelines.core.lazy import lazy_exports
 
-_EXPORTS = {
-    "CrawlConfig": "pipelines.crawl.config",
-    "crawl": "pipelines.crawl.crawl",
-    "crawl_all": "pipelines.crawl.crawl",
-    "crawl_shard_files": "pipelines.crawl.crawl",
-    "list_rounds": "pipelines.crawl.crawl",
-    "read_candidates": "pipelines.crawl.crawl",
-    "recrawl_failures": "pipelines.crawl.crawl",
-    "CrawlProgress": "pipelines.crawl.engine",
-    "REASONS": "pipelines.crawl.reasons",
-    "RETRYABLE_REASONS": "pipelines.crawl.reasons",
-    "normalise_reason": "pipelines.crawl.reasons",
-    "CrawlOutcome": "pipelines.crawl.results",
-    "crawl_outcome": "pipelines.crawl.results",
-    "host_report": "pipelines.crawl.results",
-    "successful_records": "pipelines.crawl.results",
-    "CrawlError": "pipelines.crawl.rounds",
-    "CrawlIncompleteError": "pipelines.crawl.rounds",
-    "RoundInfo": "pipelines.crawl.rounds",
-    "AddressPolicy": "pipelines.crawl.ssrf",
-    "FetchRefused": "pipelines.crawl.ssrf",
-    "build_guarded_opener": "pipelines.crawl.ssrf",
-    "CrawlStage": "pipelines.crawl.stage",
+_MODULES = {
+    "pipelines.crawl.config": ("CrawlConfig",),
+    "pipelines.crawl.crawl": ("crawl", "crawl_all", "crawl_shard_files", "list_rounds", "read_candidates",
+                              "recrawl_failures"),
+    "pipelines.crawl.engine": ("CrawlProgress",),
+    "pipelines.crawl.reasons": ("REASONS", "RETRYABLE_REASONS", "normalise_reason"),
+    "pipelines.crawl.results": ("CrawlOutcome", "crawl_outcome", "host_report", "successful_records"),
+    "pipelines.crawl.rounds": ("CrawlError", "CrawlIncompleteError", "RoundInfo"),
+    "pipelines.crawl.ssrf": ("AddressPolicy", "FetchRefused", "build_guarded_opener"),
+    "pipelines.crawl.stage": ("CrawlStage",),
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipelines.crawl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = sorted(name for names in _MODULES.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())
