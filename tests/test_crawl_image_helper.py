@@ -195,3 +195,17 @@ def test_image_processes_setting():
     for bad in (-1, 1.5, "two", True):
         with pytest.raises(ConfigError, match="crawl.image_processes"):
             CrawlConfig(image_processes=bad)
+
+
+def test_package_names_stay_the_functions_whatever_was_imported_first():
+    # pipelines.crawl.crawl is both a submodule and a function the package exports: importing the submodule first
+    # must not leave the package's name bound to the module (a lazily exporting __init__ got this wrong).
+    code = ("import pipelines.crawl.crawl, pipelines.decontam.hashing\n"
+            "from pipelines.crawl import crawl\n"
+            "from pipelines.decontam import phash64_batch, DetectorConfig\n"
+            "import sys\n"
+            "assert callable(crawl) and not isinstance(crawl, type(sys)), crawl\n"
+            "assert callable(phash64_batch) and isinstance(DetectorConfig, type)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
