@@ -204,7 +204,8 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
 
-    from pipelines.crawl.worker import CrawlDownloader, CrawlShardWriter, PixelLimitResizer
+    from pipelines.crawl.processing import PixelLimitResizer
+    from pipelines.crawl.worker import CrawlDownloader, CrawlShardWriter
 
     storage.delete_prefix(staging)
     out_dir, tmp_dir, progress_dir = (os.path.join(staging, d) for d in ("out", "_tmp", "_progress"))

@@ -48,15 +48,7 @@ from pipelines.core import reasons as R  # noqa: E402
 from pipelines.core import storage  # noqa: E402
 from pipelines.crawl import politeness as P  # noqa: E402
 from pipelines.crawl.image_helper import HelperUnavailable, ImageHelperPool  # noqa: E402
-from pipelines.crawl.processing import (  # noqa: E402,F401 - PixelLimitResizer and image_columns: used by engine, tests
-    PixelLimitResizer,
-    Processed,
-    ProcessingSettings,
-    image_columns,
-    install_limits,
-    process_body,
-    quiet_resizer,
-)
+from pipelines.crawl.processing import ProcessingSettings, install_limits, process_body, quiet_resizer  # noqa: E402
 from pipelines.crawl.reasons import http_reason, normalise_reason  # noqa: E402
 from pipelines.crawl.robots import fetch_robots  # noqa: E402
 from pipelines.crawl.ssrf import REASON_PREFIX, AddressPolicy, DnsCache, build_guarded_opener  # noqa: E402
