@@ -1,6 +1,7 @@
 """The crawl's image helper processes: the same output as processing in the download thread, images that survive a
 helper's death, an image that kills its helper twice refused with a reason, helpers that end with their crawl
-process, and a crawl with and without helpers publishing the same shards."""
+process; the round's shared helpers: serving several crawl processes, surviving as private helpers when one dies,
+ending with the round."""
 from __future__ import annotations
 
 import io
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.crawl.image_helper import ImageHelperPool
+from pipelines.crawl.image_helper import ImageHelperPool, SharedHelpers
 from pipelines.crawl.processing import (
     PixelLimitResizer,
     ProcessingSettings,
@@ -152,6 +153,87 @@ def test_a_helper_exits_when_its_crawl_process_is_killed(tmp_path):
         "pool = ImageHelperPool(ProcessingSettings(_resizer(), 4_000_000, None, True), 2)\n"
         "assert pool.wait_ready(60)\n"
         "print(*pool.pids(), flush=True)\n"
+        "time.sleep(600)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    try:
+        pids = [int(x) for x in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_running(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids)
+
+
+def test_shared_helpers_serve_several_pools_and_count_cpu_per_pool(settings):
+    bodies = _bodies()
+    local = [_comparable(process_body(settings, b)) for b in bodies]
+    shared = SharedHelpers(settings, 2)
+    pools = []
+    try:
+        helper_dir = shared.dir
+        assert len(shared.addresses) == 2 and oct(os.stat(helper_dir).st_mode & 0o777) == "0o700"
+        pools = [ImageHelperPool(settings, 1, shared=shared.addresses) for _ in range(2)]  # two crawl processes
+        for pool in pools:
+            assert pool.wait_ready(60)
+            assert sorted(pool.pids()) == sorted(shared.pids())  # connected to the round's helpers, none of its own
+        with ThreadPoolExecutor(16) as ex:
+            remote = list(ex.map(lambda ib: _comparable(pools[ib[0] % 2].process(ib[1])), enumerate(bodies)))
+        assert remote == local
+        for pool in pools:
+            assert pool.cpu_s() == 0 and pool.starts == 0  # no private helper was started
+            assert pool.shared_cpu_s() > 0
+    finally:
+        for pool in pools:
+            pool.close()
+        shared.close()
+    # The helpers were reaped by the round and their CPU taken from the kernel: at least what they did for the pools.
+    assert shared.cpu_s >= sum(p.shared_cpu_s() for p in pools) > 0
+    assert not shared.pids() and not os.path.exists(helper_dir)
+
+
+def test_a_dead_shared_helper_is_replaced_by_a_private_one_and_loses_no_image(settings):
+    bodies = _bodies() * 5
+    local = [_comparable(process_body(settings, b)) for b in bodies]
+    shared = SharedHelpers(settings, 1)
+    pool = late = None
+    try:
+        pool = ImageHelperPool(settings, 1, shared=shared.addresses)
+        assert pool.wait_ready(60)
+        victim = shared.pids()[0]
+        with ThreadPoolExecutor(32) as ex:
+            futures = [ex.submit(pool.process, b) for b in bodies]
+            time.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+            remote = [_comparable(f.result(timeout=120)) for f in futures]
+        assert remote == local
+        assert pool.deaths == 1 and pool.starts == 1 and victim not in pool.pids()
+        # A crawl process that starts after the shared helper died starts its own at once.
+        late = ImageHelperPool(settings, 1, shared=shared.addresses)
+        assert late.starts == 1 and late.wait_ready(60)
+        assert _comparable(late.process(bodies[0])) == local[0]
+    finally:
+        for p in (pool, late):
+            if p is not None:
+                p.close()
+        shared.close()
+
+
+def test_shared_helpers_exit_when_the_round_process_is_killed(tmp_path):
+    script = tmp_path / "round.py"
+    script.write_text(
+        "import time\n"
+        "from tests.test_crawl_image_helper import _resizer\n"
+        "from pipelines.crawl.image_helper import ImageHelperPool, SharedHelpers\n"
+        "from pipelines.crawl.processing import ProcessingSettings\n"
+        "shared = SharedHelpers(ProcessingSettings(_resizer(), 4_000_000, None, True), 2)\n"
+        "pool = ImageHelperPool(ProcessingSettings(_resizer(), 4_000_000, None, True), 1, shared=shared.addresses)\n"
+        "assert pool.wait_ready(60)\n"
+        "print(*shared.pids(), flush=True)\n"
         "time.sleep(600)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "NO_ALBUMENTATIONS_UPDATE": "1"}

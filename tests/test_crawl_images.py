@@ -67,25 +67,39 @@ def test_pool_is_identical_without_reading_the_tars(crawl_dir, monkeypatch, tmp_
 
 
 def test_helpers_and_download_threads_publish_the_same_shards(tmp_path):
-    """image_processes 0 (the download threads resize and hash) and 2 (helper processes) give the same tars and
-    the same Parquet rows, timings aside."""
+    """image_processes 0 (the download threads resize and hash), 2 private helpers per crawl process and the round's
+    shared helpers (the default) give the same tars and the same Parquet rows, timings aside; the shards' stats say
+    which did the work."""
+    from pipelines.crawl import host_report
+
+    runs = {"threads": dict(image_processes=0), "private": dict(image_processes=2, shared_image_helpers=False),
+            "shared": dict(image_processes=2)}
     with HostileWeb(HOSTS) as web:
         urls = [web.url(HOSTS[i % 3], f"/ok/h{i}.jpg") for i in range(30)]
         urls += [web.url(HOSTS[0], "/big/h.jpg"), web.url(HOSTS[1], "/status/500/z.jpg")]
         rows = [{"uid": hashlib.sha256(u.encode()).hexdigest()[:32], "url": u, "caption": f"p {i}",
                  "entry_ids": [i % 4], "lang": "en", "lang_score": 1.0, "keep_prob": 1.0} for i, u in enumerate(urls)]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "candidates.parquet")
-        out = {}
-        for n in (0, 2):
-            crawl_all(tmp_path / "candidates.parquet", tmp_path / f"crawl{n}",
-                      CONFIG.replace(staging_dir=str(tmp_path / f"staging{n}"), image_processes=n))
-            out[n] = crawl_shard_files(str(tmp_path / f"crawl{n}"))
-    assert len(out[0]) == len(out[2]) >= 2
+        out, report = {}, {}
+        for name, knobs in runs.items():
+            crawl_all(tmp_path / "candidates.parquet", tmp_path / name,
+                      CONFIG.replace(staging_dir=str(tmp_path / f"staging-{name}"), **knobs))
+            out[name] = crawl_shard_files(str(tmp_path / name))
+            report[name] = host_report(str(tmp_path / name))["rounds"][0]
+    assert len(out["threads"]) >= 2
     ok = 0
-    for (_r0, pq0, tar0), (_r2, pq2, tar2) in zip(out[0], out[2]):
-        with open(tar0, "rb") as a, open(tar2, "rb") as b:
-            assert a.read() == b.read()
-        t0, t2 = (pq.read_table(p).drop_columns(["fetch_seconds"]) for p in (pq0, pq2))
-        assert t0.to_pylist() == t2.to_pylist()
-        ok += sum(1 for s in t0.column("status").to_pylist() if s == "success")
-    assert ok >= 30
+    for name in ("private", "shared"):
+        assert len(out[name]) == len(out["threads"])
+        for (_r0, pq0, tar0), (_r2, pq2, tar2) in zip(out["threads"], out[name]):
+            with open(tar0, "rb") as a, open(tar2, "rb") as b:
+                assert a.read() == b.read()
+            t0, t2 = (pq.read_table(p).drop_columns(["fetch_seconds"]) for p in (pq0, pq2))
+            assert t0.to_pylist() == t2.to_pylist()
+            ok += sum(1 for s in t0.column("status").to_pylist() if s == "success")
+    assert ok >= 60
+    assert report["threads"]["helper_cpu_s"] == report["threads"]["shared_helper_cpu_s"] == 0
+    # (private helpers start with the crawl process's first shard: on 32 URLs the threads may finish before)
+    assert report["private"]["shared_helper_cpu_s"] == 0
+    # The round's helpers did the work (started before the first download, so none was done in the threads).
+    assert report["shared"]["shared_helper_cpu_s"] > 0 and report["shared"]["helper_cpu_s"] == 0
+    assert report["shared"]["processed_in_thread"] == 0

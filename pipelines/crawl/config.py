@@ -59,7 +59,10 @@ class CrawlConfig(Config):
     them (:mod:`pipelines.crawl.image_helper`): the crawl process keeps to the network and its GIL, the helpers use
     the cores. None (default) = the machine's cores divided by ``processes``, at least 1 and at most 4 (1 with the
     pyspark distributor, whose executors share machines in ways the driver does not see); 0 = the download threads
-    do it in the crawl process. Each busy helper uses one core.
+    do it in the crawl process. Each busy helper uses one core. ``shared_image_helpers`` (default true; the
+    multiprocessing distributor only): the round starts ``processes`` x ``image_processes`` helpers once, before
+    the first download, and every crawl process connects to all of them; false: each crawl process starts its own
+    (again whenever img2dataset's pool replaces a worker process, every 5 shards).
 
     ``staging_dir``: local directory where a round's shards are written before being published to the crawl
     directory (default: the system temp directory); needed because the crawl directory may be ``s3://``.
@@ -98,6 +101,7 @@ class CrawlConfig(Config):
     # them instead of decoding every image again); off: the images stage decodes and hashes as before.
     hash_images: bool = True
     image_processes: int | None = None
+    shared_image_helpers: bool = True
     max_shard_retry: int = 1
     # img2dataset's distributor: "multiprocessing" on one machine, "pyspark" on a Spark cluster (the downloader is
     # pickled to the executors, which need clipline installed and publish their shards themselves).
@@ -143,7 +147,7 @@ class CrawlConfig(Config):
         for name in ("host_pause_seconds", "max_retry_after_seconds", "backoff_base_seconds"):
             number(name, integer=False, minimum=0)
         number("per_host_rps", integer=False, minimum=0, strict=True, optional=True)
-        for name in ("resize_only_if_bigger", "respect_robots", "hash_images"):
+        for name in ("resize_only_if_bigger", "respect_robots", "hash_images", "shared_image_helpers"):
             check(isinstance(getattr(self, name), bool), f"crawl.{name}",
                   f"expected true or false, got {getattr(self, name)!r}")
         check(self.distributor in DISTRIBUTORS, "crawl.distributor",

@@ -13,6 +13,7 @@ main module in each worker: a script that crawls must keep its work under ``if _
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -204,6 +205,7 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
 
+    from pipelines.crawl.image_helper import SharedHelpers
     from pipelines.crawl.processing import PixelLimitResizer
     from pipelines.crawl.worker import CrawlDownloader, CrawlShardWriter
 
@@ -217,7 +219,7 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
             dst.write(chunk)
 
     poller = None
-    with _chatter_to(log_file, config.max_image_pixels):
+    with _chatter_to(log_file, config.max_image_pixels) as log:
         reader = Reader(local_list, "parquet", "url", "caption", None, None, list(additional_columns),
                         config.number_sample_per_shard, set(done_shards), tmp_dir)
         resizer = Resizer(image_size=config.image_size, resize_mode=config.resize_mode,
@@ -237,6 +239,12 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
                       "pyspark": pyspark_distributor}[config.distributor]
         if config.distributor == "pyspark":
             _activate_spark_session()
+        shared = None
+        per_process = config.image_processes_per_process()
+        if config.distributor == "multiprocessing" and config.shared_image_helpers and per_process > 0:
+            # Started now, so they are ready by the first download; they outlive img2dataset's worker processes.
+            shared = SharedHelpers(downloader.processing_settings(), config.processes * per_process, stdout=log)
+            downloader.settings = dataclasses.replace(downloader.settings, helper_addresses=shared.addresses)
         if progress is not None:
             poller = _ProgressPoller(progress, round_no, total, progress_dir,
                                      before or {"done": 0, "successes": 0, "reasons": {}})
@@ -244,6 +252,10 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
         try:
             distribute(config.processes, downloader, reader, 1000, config.max_shard_retry)
         finally:
+            if shared is not None:
+                shared.close()
+                print(f"round {round_no}: {len(shared.addresses)} shared image helper processes used "
+                      f"{shared.cpu_s:.2f} s of CPU", file=log)
             if poller is not None:
                 poller.stop.set()
                 poller.join()

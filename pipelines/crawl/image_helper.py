@@ -22,17 +22,26 @@ its pending images are sent again to a fresh helper; an image pending at two hel
 ``decode_error``. When no helper can be started, the images are processed in the download threads (the same
 function, the same output).
 
-    python -m pipelines.crawl.image_helper FD      # the helper side; started by ImageHelperPool only
+With the multiprocessing distributor the helpers are the round's (:class:`SharedHelpers`, the default): started
+once before the first download, shared by all crawl processes of the round over Unix sockets, so they do not start
+again each time img2dataset's pool replaces a worker process. A crawl process replaces a shared helper that is gone
+with a private one.
+
+    python -m pipelines.crawl.image_helper FD                          # a private helper (ImageHelperPool)
+    python -m pipelines.crawl.image_helper --shared CONTROL_FD LISTEN_FD  # a shared one (SharedHelpers)
 """
 from __future__ import annotations
 
 import itertools
 import os
 import pickle
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -76,22 +85,45 @@ class _Pending:
         self.seq, self.data, self.done, self.deaths = seq, data, done, 0
 
 
+def _helper_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations asks PyPI for news on import
+    return env
+
+
+def _helper_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.crawl.image_helper", *args]
+
+
 class _Helper:
     """One helper process and the thread that reads its answers (and calls the images' callbacks)."""
 
-    def __init__(self, setup: bytes, name: str, on_death: Callable[[_Pending, str], None]):
-        parent, child = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations asks PyPI for news on import
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.crawl.image_helper", str(child.fileno())],
-                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
+    def __init__(self, name: str, on_death: Callable[[_Pending, str], None], *, setup: bytes | None = None,
+                 address: str | None = None):
+        """Start a private helper (``setup``: the pickled settings it is sent) or connect to one of the round's
+        shared helpers at ``address`` (:class:`SharedHelpers`; ``OSError`` when it is gone)."""
+        self.proc: subprocess.Popen | None = None
+        self.shared = address is not None
+        if address is not None:
+            parent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                parent.connect(address)
+            except BaseException:
+                parent.close()
+                raise
+            self.pid: int | None = None  # from its READY message
+        else:
+            parent, child = socket.socketpair()
+            try:
+                self.proc = subprocess.Popen(_helper_command(str(child.fileno())), pass_fds=(child.fileno(),),
+                                             stdin=subprocess.DEVNULL, env=_helper_env())
+            except BaseException:
+                parent.close()
+                raise
+            finally:
+                child.close()
+            self.pid = self.proc.pid
         # The socket object is kept for shutdown(): closing a descriptor does not wake the reader thread blocked
         # on it (and the helper would not see its end of input); shutting the socket down does both.
         self.sock = parent
@@ -102,8 +134,9 @@ class _Helper:
         self.pending: dict[int, _Pending] = {}
         self.alive = True
         self.ready = False
-        self.cpu_s = 0.0  # the helper's CPU seconds at its last message
-        self.conn.send_bytes(setup)
+        self.cpu_s = 0.0  # the CPU seconds the helper reported at its last message (for this connection if shared)
+        if setup is not None:
+            self.conn.send_bytes(setup)
         self.reader = threading.Thread(target=self._read, daemon=True, name=f"{name}-reader")
         self.reader.start()
 
@@ -112,15 +145,16 @@ class _Helper:
             while True:
                 if not self.conn.poll(ANSWER_TIMEOUT_S):
                     if self.pending:  # images waiting and no answer for that long: the helper is stuck
-                        print(f"clipline: image helper process {self.proc.pid} gave no answer in "
+                        print(f"clipline: image helper process {self.pid} gave no answer in "
                               f"{ANSWER_TIMEOUT_S:g} s; killing it", flush=True)
-                        self.proc.kill()
+                        self.kill()
                         break
                     continue
                 msg = self.conn.recv_bytes()
                 seq = int.from_bytes(msg[:SEQ_BYTES], "big")
                 self.cpu_s = struct.unpack("<d", msg[SEQ_BYTES:SEQ_BYTES + CPU_BYTES])[0]
                 if seq == READY:
+                    self.pid = int.from_bytes(msg[SEQ_BYTES + CPU_BYTES:], "big") or self.pid
                     self.ready = True
                     continue
                 with self.lock:
@@ -133,11 +167,14 @@ class _Helper:
         with self.lock:
             self.alive = False
             pending, self.pending = self.pending, {}
-        try:
-            self.proc.wait(timeout=5)  # reaped here: its CPU then counts for the crawl process's children
-        except subprocess.TimeoutExpired:
-            pass
-        why = f"helper process {self.proc.pid} exited (rc {self.proc.poll()})"
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)  # reaped here: its CPU then counts for the crawl process's children
+            except subprocess.TimeoutExpired:
+                pass
+            why = f"helper process {self.pid} exited (rc {self.proc.poll()})"
+        else:
+            why = f"shared helper process {self.pid} closed its connection"
         for item in sorted(pending.values(), key=lambda i: i.seq):
             self.on_death(item, why)
         self._shutdown()
@@ -150,7 +187,7 @@ class _Helper:
         """Send ``item`` to this helper; :class:`_HelperDied` if it is gone (then nothing was registered)."""
         with self.lock:
             if not self.alive:
-                raise _HelperDied(f"helper process {self.proc.pid} is gone")
+                raise _HelperDied(f"helper process {self.pid} is gone")
             self.pending[item.seq] = item
         try:
             with self.send_lock:
@@ -169,51 +206,68 @@ class _Helper:
         self.sock.close()
 
     def kill(self) -> None:
+        """Kill the helper process (a shared one too: it is stuck or broken for every crawl process)."""
         try:
-            self.proc.kill()
+            if self.proc is not None:
+                self.proc.kill()
+            elif self.pid:
+                os.kill(self.pid, signal.SIGKILL)
         except OSError:
             pass
         self._shutdown()
 
     def close(self) -> None:
-        """End the helper's input (it exits), wait for it and for the reader thread."""
+        """End the helper's input (a private helper exits, a shared one drops this connection), wait for it and
+        for the reader thread."""
         self._shutdown()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.reader.join(timeout=5)
 
 
 class ImageHelperPool:
     """``n`` helper processes for one crawl process; the download threads :meth:`submit` their bodies and go on
-    downloading, the answers come back through callbacks (from the helpers' reader threads)."""
+    downloading, the answers come back through callbacks (from the helpers' reader threads). With ``shared``
+    addresses (the round's :class:`SharedHelpers`), the pool connects to those helpers instead of starting its
+    own; one that is gone or dies is replaced by a private helper of this process."""
 
-    def __init__(self, settings: ProcessingSettings, n: int, name: str = "image-helper"):
-        if n < 1:
+    def __init__(self, settings: ProcessingSettings, n: int, name: str = "image-helper",
+                 shared: tuple[str, ...] = ()):
+        if n < 1 and not shared:
             raise ValueError(f"ImageHelperPool needs at least one process, got {n}")
         self.settings = settings
         self.setup = pickle.dumps(settings, protocol=pickle.HIGHEST_PROTOCOL)
         self.name = name
-        self.n = n
+        self.shared = tuple(shared)
+        self.n = len(self.shared) or n
         self.lock = threading.Lock()
         self.seq = itertools.count()
         self.helpers: list[_Helper] = []
-        self.dead_cpu_s = 0.0  # CPU of helpers that are gone
+        self.dead_cpu_s = 0.0  # CPU of private helpers that are gone
+        self.dead_shared_cpu_s = 0.0  # CPU shared helpers spent on this pool's images, over connections now gone
         self.starts = 0
         self.deaths = 0
         self.failed_start: str | None = None
-        for _ in range(n):
+        for address in self.shared:
+            try:
+                self.helpers.append(_Helper(f"{self.name}-shared", self._helper_died, address=address))
+            except OSError as exc:
+                print(f"clipline: the round's image helper at {address} is gone ({exc}); starting one for this "
+                      f"process", flush=True)
+        while len(self.helpers) < self.n and self.failed_start is None:
             self._start()
 
     def _start(self) -> None:
-        """Start one helper (under ``self.lock`` or before the pool is shared)."""
+        """Start one private helper (under ``self.lock`` or before the pool is shared)."""
         if self.starts >= self.n + MAX_RESTARTS:
             return
         self.starts += 1
         try:
-            self.helpers.append(_Helper(self.setup, f"{self.name}-{self.starts}", self._helper_died))
+            self.helpers.append(_Helper(f"{self.name}-{self.starts}", self._helper_died, setup=self.setup))
         except OSError as exc:
             self.failed_start = f"{type(exc).__name__}: {exc}"
             print(f"clipline: could not start an image helper process ({self.failed_start}); images are "
@@ -228,9 +282,12 @@ class ImageHelperPool:
                 for h in [h for h in self.helpers if not h.alive]:
                     self.helpers.remove(h)
                     self.deaths += 1
-                    self.dead_cpu_s += h.cpu_s
-                    print(f"clipline: image helper process {h.proc.pid} exited (rc {h.proc.poll()}); starting "
-                          f"another", flush=True)
+                    if h.shared:
+                        self.dead_shared_cpu_s += h.cpu_s
+                    else:
+                        self.dead_cpu_s += h.cpu_s
+                    print(f"clipline: image helper process {h.pid} is gone"
+                          f"{'' if h.proc is None else f' (rc {h.proc.poll()})'}; starting another", flush=True)
                 while len(self.helpers) < self.n and self.starts < self.n + MAX_RESTARTS \
                         and self.failed_start is None:
                     self._start()
@@ -284,9 +341,15 @@ class ImageHelperPool:
         return box[0]
 
     def cpu_s(self) -> float:
-        """CPU seconds the helpers have used, as last reported by each (imports included)."""
+        """CPU seconds this process's private helpers have used, as last reported by each (imports included)."""
         with self.lock:
-            return self.dead_cpu_s + sum(h.cpu_s for h in self.helpers)
+            return self.dead_cpu_s + sum(h.cpu_s for h in self.helpers if not h.shared)
+
+    def shared_cpu_s(self) -> float:
+        """CPU seconds the round's shared helpers spent on this process's images (their starts not included: the
+        round that started them accounts for them)."""
+        with self.lock:
+            return self.dead_shared_cpu_s + sum(h.cpu_s for h in self.helpers if h.shared)
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """Wait until ``n`` helpers are alive and ready, dead ones replaced (tests; a crawl does not wait)."""
@@ -304,7 +367,7 @@ class ImageHelperPool:
 
     def pids(self) -> list[int]:
         with self.lock:
-            return [h.proc.pid for h in self.helpers if h.alive]
+            return [h.pid for h in self.helpers if h.alive]
 
     def close(self) -> None:
         with self.lock:
@@ -312,6 +375,91 @@ class ImageHelperPool:
             self.starts = self.n + MAX_RESTARTS  # no more starts
         for h in helpers:
             h.close()
+            with self.lock:  # what they used stays counted
+                if h.shared:
+                    self.dead_shared_cpu_s += h.cpu_s
+                else:
+                    self.dead_cpu_s += h.cpu_s
+
+
+class SharedHelpers:
+    """The crawl round's image helper processes, shared by all its crawl processes on this machine (the
+    multiprocessing distributor's pool workers connect to them: :class:`ImageHelperPool` with ``shared``).
+
+    Why: img2dataset's pool replaces each worker process after 5 shards; helpers owned by a worker were started
+    again with it (~0.6 s of CPU each, and images processed in the download threads until they were ready).
+    The round's helpers start once, before the first download, and live until the round ends. Each listens on
+    its own Unix socket (in a private temporary directory) and serves every crawl process that connects, one image
+    at a time in arrival order. A helper exits when the round closes it or the round's process dies (its control
+    socket closes). One that dies mid-round is not restarted here: each crawl process replaces it with a private
+    helper, and its pending images go there (the same rules as for private helpers)."""
+
+    def __init__(self, settings: ProcessingSettings, n: int, name: str = "image-helper-shared",
+                 stdout=None):
+        if n < 1:
+            raise ValueError(f"SharedHelpers needs at least one process, got {n}")
+        self.dir = tempfile.mkdtemp(prefix="clipline-helpers-")  # mode 0700: only this user can connect
+        self.addresses: tuple[str, ...] = ()
+        self.procs: list[subprocess.Popen] = []
+        self.controls: list[socket.socket] = []
+        self.cpu_s = 0.0  # the helpers' CPU (from the kernel, at close)
+        setup = pickle.dumps(settings, protocol=pickle.HIGHEST_PROTOCOL)
+        addresses = []
+        try:
+            for i in range(n):
+                address = os.path.join(self.dir, str(i))
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                control, child = socket.socketpair()
+                try:
+                    listener.bind(address)
+                    listener.listen(64)
+                    proc = subprocess.Popen(_helper_command("--shared", str(child.fileno()), str(listener.fileno())),
+                                            pass_fds=(child.fileno(), listener.fileno()), stdin=subprocess.DEVNULL,
+                                            stdout=stdout, stderr=stdout, env=_helper_env())
+                except BaseException:
+                    control.close()
+                    raise
+                finally:
+                    # Only the helper holds the listening socket: once it is gone, connecting fails at once.
+                    listener.close()
+                    child.close()
+                self.procs.append(proc)
+                self.controls.append(control)
+                Connection(os.dup(control.fileno())).send_bytes(setup)
+                addresses.append(address)
+        except BaseException:
+            self.close()
+            raise
+        self.addresses = tuple(addresses)
+        self.name = name
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.poll() is None]
+
+    def close(self) -> None:
+        """Stop the helpers (their control sockets close; connected crawl processes see their connections end)
+        and reap them; ``cpu_s`` is then their CPU time."""
+        for control in self.controls:
+            try:
+                control.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            control.close()
+        self.controls = []
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            while proc.returncode is None:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    self.cpu_s += usage.ru_utime + usage.ru_stime
+                elif time.monotonic() > deadline:
+                    proc.kill()
+                    deadline = time.monotonic() + 5
+                else:
+                    time.sleep(0.01)
+        self.procs = []
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ helper side
@@ -335,19 +483,39 @@ def _bare_img2dataset_package() -> None:
     sys.modules["img2dataset"] = package
 
 
-def serve(conn: Connection) -> None:
-    """Answer the crawl process's images until its end of the socket closes."""
+def _prepare(settings_conn: Connection) -> ProcessingSettings:
+    """The helper's imports and settings (before it says READY)."""
     from pipelines.crawl.processing import install_limits, quiet_resizer
 
     _bare_img2dataset_package()
-    settings: ProcessingSettings = pickle.loads(conn.recv_bytes())
+    settings: ProcessingSettings = pickle.loads(settings_conn.recv_bytes())
     install_limits(settings.max_image_pixels)
     quiet_resizer()
     from pipelines.decontam import hashing  # noqa: F401 - imported now, not at the first image
     from pipelines.images import checks  # noqa: F401
+    return settings
 
+
+def _ready_message(cpu_s: float) -> bytes:
+    return READY.to_bytes(SEQ_BYTES, "big") + struct.pack("<d", cpu_s) + os.getpid().to_bytes(8, "big")
+
+
+def _answer(settings: ProcessingSettings, msg: bytes) -> tuple[bytes, bytes]:
+    """(seq, pickled answer) for one request."""
+    view = memoryview(msg)
     try:
-        conn.send_bytes(READY.to_bytes(SEQ_BYTES, "big") + struct.pack("<d", time.process_time()))
+        out = process_body(settings, view[SEQ_BYTES:].tobytes())
+    except Exception as exc:  # noqa: BLE001 - raised again in the download thread that sent the image
+        out = _Failure(f"{type(exc).__name__}: {exc}")
+    return msg[:SEQ_BYTES], pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def serve(conn: Connection) -> None:
+    """A private helper: answer the crawl process's images until its end of the socket closes. Each answer
+    carries the helper's CPU seconds so far (its start included)."""
+    settings = _prepare(conn)
+    try:
+        conn.send_bytes(_ready_message(time.process_time()))
     except OSError:
         return
     while True:
@@ -355,26 +523,68 @@ def serve(conn: Connection) -> None:
             msg = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        view = memoryview(msg)
+        seq, out = _answer(settings, msg)
         try:
-            out = process_body(settings, view[SEQ_BYTES:].tobytes())
-        except Exception as exc:  # noqa: BLE001 - raised again in the download thread that sent the image
-            out = _Failure(f"{type(exc).__name__}: {exc}")
-        try:
-            conn.send_bytes(msg[:SEQ_BYTES] + struct.pack("<d", time.process_time())
-                            + pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+            conn.send_bytes(seq + struct.pack("<d", time.process_time()) + out)
         except OSError:
             return
 
 
+def serve_shared(control: Connection, listener: socket.socket) -> None:
+    """A shared helper (:class:`SharedHelpers`): accept crawl processes' connections on ``listener`` and answer
+    their images, until ``control`` closes. Each answer carries the CPU seconds spent on that connection's images
+    (the start is the round's to count)."""
+    from multiprocessing.connection import wait
+
+    settings = _prepare(control)
+    conns: dict[Connection, float] = {}  # connection -> CPU spent on its images
+    while True:
+        for ready in wait([control, listener, *conns]):
+            if ready is control:
+                try:
+                    control.recv_bytes()
+                except (EOFError, OSError):
+                    return  # the round ended or its process died
+            elif ready is listener:
+                try:
+                    sock, _ = listener.accept()
+                except OSError:
+                    continue
+                conn = Connection(sock.detach())
+                try:
+                    conn.send_bytes(_ready_message(0.0))
+                except OSError:
+                    conn.close()
+                    continue
+                conns[conn] = 0.0
+            else:
+                try:
+                    msg = ready.recv_bytes()
+                except (EOFError, OSError):  # that crawl process is done (or died)
+                    conns.pop(ready, None)
+                    ready.close()
+                    continue
+                t0 = time.process_time()
+                seq, out = _answer(settings, msg)
+                conns[ready] += time.process_time() - t0
+                try:
+                    ready.send_bytes(seq + struct.pack("<d", conns[ready]) + out)
+                except OSError:
+                    conns.pop(ready, None)
+                    ready.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m pipelines.crawl.image_helper FD (started by the crawl, not by hand)",
-              file=sys.stderr)
-        return 2
-    serve(Connection(int(argv[0])))
-    return 0
+    if len(argv) == 1 and argv[0].isdigit():
+        serve(Connection(int(argv[0])))
+        return 0
+    if len(argv) == 3 and argv[0] == "--shared" and argv[1].isdigit() and argv[2].isdigit():
+        serve_shared(Connection(int(argv[1])), socket.socket(fileno=int(argv[2])))
+        return 0
+    print("usage: python -m pipelines.crawl.image_helper FD | --shared CONTROL_FD LISTEN_FD (started by the crawl, "
+          "not by hand)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

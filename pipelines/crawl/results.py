@@ -179,6 +179,7 @@ def host_report(crawl_dir: str, *, top: int = 20) -> dict:
                                                      - min((s["start_time"] for s in stats), default=0), 3),
                            "worker_cpu_s": round(sum(s.get("worker_cpu_s", 0.0) for s in stats), 3),
                            "helper_cpu_s": round(sum(s.get("helper_cpu_s", 0.0) for s in stats), 3),
+                           "shared_helper_cpu_s": round(sum(s.get("shared_helper_cpu_s", 0.0) for s in stats), 3),
                            "processed_in_thread": sum(s.get("processed_in_thread", 0) for s in stats),
                            "helper_deaths": sum(s.get("helper_deaths", 0) for s in stats)})
         for s in stats:

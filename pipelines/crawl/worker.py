@@ -98,6 +98,7 @@ class WorkerSettings:
     log_file: str | None  # worker stdout/stderr go here
     hash_images: bool = True
     image_processes: int = 1  # helper processes per crawl process for resize + hashes (0: the download threads)
+    helper_addresses: tuple[str, ...] = ()  # the round's shared helpers (SharedHelpers), used instead when given
 
 
 # ---------------------------------------------------------------------------------------------- process set-up
@@ -345,24 +346,26 @@ class CrawlDownloader(Downloader):
                                 retry=retry)
         return finished, res
 
-    def _processing_settings(self) -> ProcessingSettings:
+    def processing_settings(self) -> ProcessingSettings:
         return ProcessingSettings(resizer=self.resizer, max_image_pixels=self.settings.max_image_pixels,
                                   compute_hash=self.compute_hash, hash_images=self.settings.hash_images)
 
     def _helpers(self) -> ImageHelperPool | None:
         """This process's image helper processes (started at its first shard, kept for the next ones)."""
-        n = self.settings.image_processes
+        n, shared = self.settings.image_processes, self.settings.helper_addresses
         if n < 1:
             return None
-        settings = self._processing_settings()
+        settings = self.processing_settings()
         setup = pickle.dumps(settings, protocol=pickle.HIGHEST_PROTOCOL)  # the downloader is unpickled per shard
         with _process_lock:
             pool = _process.get("helpers")
-            if pool is not None and (pool.setup != setup or pool.n != n):
+            if pool is not None and (pool.setup != setup or pool.shared != shared
+                                     or (not shared and pool.n != n)):
                 pool.close()
                 pool = None
             if pool is None:
-                pool = _process["helpers"] = ImageHelperPool(settings, n, name=f"image-helper-{os.getpid()}")
+                pool = _process["helpers"] = ImageHelperPool(settings, n, name=f"image-helper-{os.getpid()}",
+                                                             shared=shared)
             return pool
 
     @staticmethod
@@ -389,7 +392,7 @@ class CrawlDownloader(Downloader):
                 pass
         self._in_thread += 1  # a lost update under a race only skews a statistic
         try:
-            processed = process_body(self._processing_settings(), data)
+            processed = process_body(self.processing_settings(), data)
         except Exception as exc:  # noqa: BLE001
             errors.append(traceback.format_exc())
             results.put((task, self._failed(exc), None))
@@ -451,7 +454,8 @@ class CrawlDownloader(Downloader):
         results: queue.Queue = queue.Queue(maxsize=self.thread_count * 2)  # bounds images held in memory
         errors: list[str] = []
         helpers = self._helpers()
-        helper_cpu0, deaths0, self._in_thread = (helpers.cpu_s(), helpers.deaths, 0) if helpers else (0.0, 0, 0)
+        helper_cpu0, shared_cpu0, deaths0, self._in_thread = (
+            (helpers.cpu_s(), helpers.shared_cpu_s(), helpers.deaths, 0) if helpers else (0.0, 0.0, 0, 0))
         threads = [threading.Thread(target=self._thread_loop, args=(sched, tools, results, errors, helpers), daemon=True,
                                     name=f"crawl-{shard_id}-{i}") for i in range(self.thread_count)]
         for t in threads:
@@ -527,6 +531,9 @@ class CrawlDownloader(Downloader):
             # image helper processes: their CPU in this shard (their start included), images the download threads
             # processed themselves (while the helpers started, or without helpers), helpers that died
             "helper_cpu_s": round(helpers.cpu_s() - helper_cpu0, 3) if helpers else 0.0,
+            # the round's shared helpers' CPU on this shard's images (their process is the round's child: this
+            # is also in the crawl caller's children CPU once the round ends, unlike helper_cpu_s)
+            "shared_helper_cpu_s": round(helpers.shared_cpu_s() - shared_cpu0, 3) if helpers else 0.0,
             "processed_in_thread": self._in_thread,
             "helper_deaths": helpers.deaths - deaths0 if helpers else 0,
         }
