@@ -127,8 +127,11 @@ def _clipline(config, cand: Path, out: Path, staging: Path) -> dict:
     r0 = report["rounds"][0]
     # The image helper processes are children of the crawl's workers, not of this process, and are not waited
     # for: their CPU is what they reported, from the shards' stats.
+    # The round's shared helpers are this process's children, reaped at the round's end: they are in
+    # _children_cpu() (shared_helper_cpu_s, their CPU on the images, is the part of it they reported).
     helper_cpu = sum(r.get("helper_cpu_s", 0.0) for r in report["rounds"])
     return {"wall_s": wall, "worker_cpu_s": _children_cpu() - cpu0 + helper_cpu, "helper_cpu_s": helper_cpu,
+            "shared_helper_cpu_s": sum(r.get("shared_helper_cpu_s", 0.0) for r in report["rounds"]),
             "processed_in_thread": sum(r.get("processed_in_thread", 0) for r in report["rounds"]),
             "successes": outcome.successes.num_rows,
             "download_s": r0["download_seconds"], "rounds": report["rounds"],
@@ -198,7 +201,8 @@ NO_POLITENESS = {"per_host_connections": 64, "per_host_rps": None, "respect_robo
 
 
 def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politeness_off: bool = False,
-            in_thread: bool = False, sides: tuple[int, int] = (96, 192), cache: Path | None = None) -> dict:
+            in_thread: bool = False, sides: tuple[int, int] = (96, 192), cache: Path | None = None,
+            private_helpers: bool = False) -> dict:
     from pipelines.synthweb import generate_web
 
     web = (cache or work) / f"healthy-web-{n_urls}-{sides[0]}-{sides[1]}"  # a complete cached web is reused
@@ -207,7 +211,7 @@ def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politen
     servers = _serve(web, n_hosts)
     variants = ["img2dataset", "clipline", "clipline_nohash"] + (
         ["clipline_nopolite", "clipline_nohash_nopolite"] if politeness_off else []) + (
-        ["clipline_inthread"] if in_thread else [])
+        ["clipline_inthread"] if in_thread else []) + (["clipline_private"] if private_helpers else [])
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     order_log = []
     build = {}
@@ -225,11 +229,13 @@ def healthy(work: Path, n_urls: int, n_hosts: int, repeats: int, config, politen
             else:
                 cfg = config.replace(hash_images="nohash" not in name,
                                      image_processes=0 if name.endswith("inthread") else config.image_processes,
+                                     shared_image_helpers=not name.endswith("private"),
                                      **(NO_POLITENESS if name.endswith("nopolite") else {}))
                 r = _clipline(cfg, cand, out, work / f"staging-{k}")
             runs[name].append(r)
             order_log.append({"variant": name, **{x: r[x] for x in ("wall_s", "download_s", "worker_cpu_s",
                                                                       "successes", "helper_cpu_s",
+                                                                      "shared_helper_cpu_s",
                                                                       "processed_in_thread") if x in r}})
             print(f"  [{k + 1}/{len(order)}] {name:12s} {r['successes']} images  wall {r['wall_s']:6.2f} s  "
                   f"download {r['download_s']:6.2f} s  worker CPU {r['worker_cpu_s']:6.2f} s", flush=True)
@@ -290,7 +296,7 @@ def run(args) -> dict:
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
               "config": {k: v for k, v in config.to_dict().items()
-                         if k in ("processes", "thread_count", "image_processes", "number_sample_per_shard", "image_size", "retries",
+                         if k in ("processes", "thread_count", "image_processes", "shared_image_helpers", "number_sample_per_shard", "image_size", "retries",
                                   "timeout", "max_download_seconds", "per_host_connections", "per_host_rps",
                                   "host_failure_limit", "recrawl_rounds")}}
     report["config"]["image_processes_resolved"] = config.image_processes_per_process()
@@ -301,7 +307,7 @@ def run(args) -> dict:
             report["healthy"] = healthy(work, args.healthy_urls, args.hosts, args.repeats, config,
                                         args.politeness_off, args.in_thread,
                                         tuple(int(x) for x in args.sides.split(",")),
-                                        Path(args.web_cache) if args.web_cache else None)
+                                        Path(args.web_cache) if args.web_cache else None, args.private_helpers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["load_avg_1m_at_end"] = os.getloadavg()[0]
@@ -332,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--web-cache", default=None, help="keep the generated healthy webs here between runs")
     ap.add_argument("--in-thread", action="store_true",
                     help="also run clipline with image_processes 0 (resize and hashes in the download threads)")
+    ap.add_argument("--private-helpers", action="store_true",
+                    help="also run clipline with shared_image_helpers false (each crawl process starts its own "
+                         "helpers, again with each img2dataset worker process)")
     args = ap.parse_args(argv)
     run(args)
     return 0
