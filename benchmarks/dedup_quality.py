@@ -216,7 +216,7 @@ def main(argv=None) -> None:
     print("\nmatches on distractors (false / labelled real CIFAR copies): " + ", ".join(
         f"{label} {dist[label]['fp']} / {dist[label]['real_copy']}" for label, _ in COLUMNS))
     print(f"detector distractor matches not yet labelled by a person (counted as false): {len(unlabelled)}")
-    print(f"twin matches (not counted): " + ", ".join(f"{label} {rows[-1][label]['twin']}" for label, _ in COLUMNS))
+    print("twin matches (not counted): " + ", ".join(f"{label} {rows[-1][label]['twin']}" for label, _ in COLUMNS))
     print(f"true matches by generator: {json.dumps(found_by)}; accepted by: {verified_by}")
     print("misses per family: " + json.dumps({k: len(v) for k, v in misses.items()}))
 
