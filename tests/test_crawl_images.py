@@ -103,3 +103,28 @@ def test_helpers_and_download_threads_publish_the_same_shards(tmp_path):
     # The round's helpers did the work (started before the first download, so none was done in the threads).
     assert report["shared"]["shared_helper_cpu_s"] > 0 and report["shared"]["helper_cpu_s"] == 0
     assert report["shared"]["processed_in_thread"] == 0
+
+
+def test_a_round_whose_shared_helpers_cannot_start_uses_private_ones(tmp_path, monkeypatch):
+    """A temporary directory whose path is too long for a Unix socket: the round cannot start its shared helpers,
+    says so in the crawl log, and each crawl process starts its own; every image is still published."""
+    import tempfile
+
+    from pipelines.crawl import host_report
+
+    long_tmp = tmp_path / ("t" * 60) / ("u" * 60)
+    long_tmp.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with HostileWeb(HOSTS) as web:
+        urls = [web.url(HOSTS[i % 3], f"/ok/f{i}.jpg") for i in range(40)]
+        rows = [{"uid": hashlib.sha256(u.encode()).hexdigest()[:32], "url": u, "caption": f"f {i}",
+                 "entry_ids": [0], "lang": "en", "lang_score": 1.0, "keep_prob": 1.0} for i, u in enumerate(urls)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "candidates.parquet")
+        log = tmp_path / "crawl.log"
+        crawl_all(tmp_path / "candidates.parquet", tmp_path / "crawl",
+                  CONFIG.replace(staging_dir=str(tmp_path / "staging"), image_processes=1), log_file=str(log))
+    report = host_report(str(tmp_path / "crawl"))["rounds"][0]
+    assert report["successes"] == 40
+    assert "could not start the shared image helpers" in log.read_text()
+    assert report["shared_helper_cpu_s"] == 0
+    assert not list(long_tmp.glob("clipline-helpers-*"))  # nothing of ours left behind (wandb leaves its own)

@@ -449,7 +449,11 @@ class SharedHelpers:
         deadline = time.monotonic() + 10
         for proc in self.procs:
             while proc.returncode is None:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                try:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere (its CPU is then not known here)
+                    proc.returncode = -1
+                    break
                 if pid:
                     proc.returncode = os.waitstatus_to_exitcode(status)
                     self.cpu_s += usage.ru_utime + usage.ru_stime
