@@ -105,6 +105,15 @@ def test_helpers_give_what_the_download_thread_would(settings):
         pool.close()
 
 
+def _process_while_killing(pool: ImageHelperPool, bodies: list[bytes], victim: int) -> list:
+    """Every body through ``pool`` from 32 threads, SIGKILLing helper ``victim`` while they are pending."""
+    with ThreadPoolExecutor(32) as ex:
+        futures = [ex.submit(pool.process, b) for b in bodies]
+        time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)
+        return [_comparable(f.result(timeout=120)) for f in futures]
+
+
 def test_images_survive_a_helper_killed_mid_batch(settings):
     bodies = _bodies() * 5
     local = [_comparable(process_body(settings, b)) for b in bodies]
@@ -112,12 +121,7 @@ def test_images_survive_a_helper_killed_mid_batch(settings):
     try:
         assert pool.wait_ready(60)
         victim = pool.pids()[0]
-        with ThreadPoolExecutor(32) as ex:
-            futures = [ex.submit(pool.process, b) for b in bodies]
-            time.sleep(0.05)
-            os.kill(victim, signal.SIGKILL)
-            remote = [_comparable(f.result(timeout=120)) for f in futures]
-        assert remote == local
+        assert _process_while_killing(pool, bodies, victim) == local
         assert pool.deaths == 1 and pool.pids() and victim not in pool.pids()
     finally:
         pool.close()
@@ -143,16 +147,17 @@ def test_an_image_that_kills_its_helper_twice_is_refused_and_the_others_go_on(se
         pool.close()
 
 
-def test_a_helper_exits_when_its_crawl_process_is_killed(tmp_path):
+def _helpers_exit_with_their_parent(tmp_path, setup: str, pids_expr: str) -> None:
+    """Run a parent that starts helpers (``setup``) and prints ``pids_expr``; SIGKILL it; its helpers must exit."""
     script = tmp_path / "parent.py"
     script.write_text(
-        "import sys, time\n"
+        "import time\n"
         "from tests.test_crawl_image_helper import _resizer\n"
-        "from pipelines.crawl.image_helper import ImageHelperPool\n"
+        "from pipelines.crawl.image_helper import ImageHelperPool, SharedHelpers\n"
         "from pipelines.crawl.processing import ProcessingSettings\n"
-        "pool = ImageHelperPool(ProcessingSettings(_resizer(), 4_000_000, None, True), 2)\n"
-        "assert pool.wait_ready(60)\n"
-        "print(*pool.pids(), flush=True)\n"
+        "settings = ProcessingSettings(_resizer(), 4_000_000, None, True)\n"
+        f"{setup}\n"
+        f"print(*{pids_expr}, flush=True)\n"
         "time.sleep(600)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -167,6 +172,18 @@ def test_a_helper_exits_when_its_crawl_process_is_killed(tmp_path):
     while time.monotonic() < deadline and any(_running(p) for p in pids):
         time.sleep(0.05)
     assert not any(_running(p) for p in pids)
+
+
+def test_a_helper_exits_when_its_crawl_process_is_killed(tmp_path):
+    _helpers_exit_with_their_parent(tmp_path, "pool = ImageHelperPool(settings, 2)\nassert pool.wait_ready(60)",
+                                    "pool.pids()")
+
+
+def test_shared_helpers_exit_when_the_round_process_is_killed(tmp_path):
+    _helpers_exit_with_their_parent(
+        tmp_path, "shared = SharedHelpers(settings, 2)\n"
+                  "pool = ImageHelperPool(settings, 1, shared=shared.addresses)\nassert pool.wait_ready(60)",
+        "shared.pids()")
 
 
 def test_shared_helpers_serve_several_pools_and_count_cpu_per_pool(settings):
@@ -205,12 +222,7 @@ def test_a_dead_shared_helper_is_replaced_by_a_private_one_and_loses_no_image(se
         pool = ImageHelperPool(settings, 1, shared=shared.addresses)
         assert pool.wait_ready(60)
         victim = shared.pids()[0]
-        with ThreadPoolExecutor(32) as ex:
-            futures = [ex.submit(pool.process, b) for b in bodies]
-            time.sleep(0.05)
-            os.kill(victim, signal.SIGKILL)
-            remote = [_comparable(f.result(timeout=120)) for f in futures]
-        assert remote == local
+        assert _process_while_killing(pool, bodies, victim) == local
         assert pool.deaths == 1 and pool.starts == 1 and victim not in pool.pids()
         # A crawl process that starts after the shared helper died starts its own at once.
         late = ImageHelperPool(settings, 1, shared=shared.addresses)
@@ -221,33 +233,6 @@ def test_a_dead_shared_helper_is_replaced_by_a_private_one_and_loses_no_image(se
             if p is not None:
                 p.close()
         shared.close()
-
-
-def test_shared_helpers_exit_when_the_round_process_is_killed(tmp_path):
-    script = tmp_path / "round.py"
-    script.write_text(
-        "import time\n"
-        "from tests.test_crawl_image_helper import _resizer\n"
-        "from pipelines.crawl.image_helper import ImageHelperPool, SharedHelpers\n"
-        "from pipelines.crawl.processing import ProcessingSettings\n"
-        "shared = SharedHelpers(ProcessingSettings(_resizer(), 4_000_000, None, True), 2)\n"
-        "pool = ImageHelperPool(ProcessingSettings(_resizer(), 4_000_000, None, True), 1, shared=shared.addresses)\n"
-        "assert pool.wait_ready(60)\n"
-        "print(*shared.pids(), flush=True)\n"
-        "time.sleep(600)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=root)
-    try:
-        pids = [int(x) for x in parent.stdout.readline().split()]
-        assert len(pids) == 2 and all(_running(p) for p in pids)
-    finally:
-        parent.kill()
-        parent.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_running(p) for p in pids):
-        time.sleep(0.05)
-    assert not any(_running(p) for p in pids)
 
 
 def _running(pid: int) -> bool:
