@@ -239,22 +239,22 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
                       "pyspark": pyspark_distributor}[config.distributor]
         if config.distributor == "pyspark":
             _activate_spark_session()
-        shared = None
-        per_process = config.image_processes_per_process()
-        if config.distributor == "multiprocessing" and config.shared_image_helpers and per_process > 0:
-            # Started now, so they are ready by the first download; they outlive img2dataset's worker processes.
-            try:
-                shared = SharedHelpers(downloader.processing_settings(), config.processes * per_process, stdout=log)
-            except OSError as exc:  # each crawl process then starts its own
-                print(f"round {round_no}: could not start the shared image helpers ({type(exc).__name__}: {exc}); "
-                      f"each crawl process starts its own", file=log)
-            else:
-                downloader.settings = dataclasses.replace(downloader.settings, helper_addresses=shared.addresses)
         if progress is not None:
             poller = _ProgressPoller(progress, round_no, total, progress_dir,
                                      before or {"done": 0, "successes": 0, "reasons": {}})
             poller.start()
+        shared = None
         try:
+            per_process = config.image_processes_per_process()
+            if config.distributor == "multiprocessing" and config.shared_image_helpers and per_process > 0:
+                # Started now, so they are ready by the first download; they outlive img2dataset's worker processes.
+                try:
+                    shared = SharedHelpers(downloader.processing_settings(), config.processes * per_process, stdout=log)
+                except OSError as exc:  # each crawl process then starts its own
+                    print(f"round {round_no}: could not start the shared image helpers ({type(exc).__name__}: {exc}); "
+                          f"each crawl process starts its own", file=log)
+                else:
+                    downloader.settings = dataclasses.replace(downloader.settings, helper_addresses=shared.addresses)
             distribute(config.processes, downloader, reader, 1000, config.max_shard_retry)
         finally:
             if shared is not None:
