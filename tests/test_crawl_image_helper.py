@@ -262,6 +262,10 @@ def test_image_processes_setting():
     for bad in (-1, 1.5, "two", True):
         with pytest.raises(ConfigError, match="crawl.image_processes"):
             CrawlConfig(image_processes=bad)
+    assert CrawlConfig().shared_image_helpers is True
+    assert CrawlConfig.from_dict({"shared_image_helpers": False}).shared_image_helpers is False
+    with pytest.raises(ConfigError, match="crawl.shared_image_helpers"):
+        CrawlConfig(shared_image_helpers="yes")
 
 
 def test_package_names_stay_the_functions_whatever_was_imported_first():

@@ -282,10 +282,7 @@ class ImageHelperPool:
                 for h in [h for h in self.helpers if not h.alive]:
                     self.helpers.remove(h)
                     self.deaths += 1
-                    if h.shared:
-                        self.dead_shared_cpu_s += h.cpu_s
-                    else:
-                        self.dead_cpu_s += h.cpu_s
+                    self._keep_cpu(h)
                     print(f"clipline: image helper process {h.pid} is gone"
                           f"{'' if h.proc is None else f' (rc {h.proc.poll()})'}; starting another", flush=True)
                 while len(self.helpers) < self.n and self.starts < self.n + MAX_RESTARTS \
@@ -375,11 +372,15 @@ class ImageHelperPool:
             self.starts = self.n + MAX_RESTARTS  # no more starts
         for h in helpers:
             h.close()
-            with self.lock:  # what they used stays counted
-                if h.shared:
-                    self.dead_shared_cpu_s += h.cpu_s
-                else:
-                    self.dead_cpu_s += h.cpu_s
+            with self.lock:
+                self._keep_cpu(h)
+
+    def _keep_cpu(self, h: _Helper) -> None:
+        """A helper leaves the pool (under ``self.lock``): what it used stays counted."""
+        if h.shared:
+            self.dead_shared_cpu_s += h.cpu_s
+        else:
+            self.dead_cpu_s += h.cpu_s
 
 
 class SharedHelpers:
@@ -394,8 +395,7 @@ class SharedHelpers:
     socket closes). One that dies mid-round is not restarted here: each crawl process replaces it with a private
     helper, and its pending images go there (the same rules as for private helpers)."""
 
-    def __init__(self, settings: ProcessingSettings, n: int, name: str = "image-helper-shared",
-                 stdout=None):
+    def __init__(self, settings: ProcessingSettings, n: int, stdout=None):
         if n < 1:
             raise ValueError(f"SharedHelpers needs at least one process, got {n}")
         self.dir = tempfile.mkdtemp(prefix="clipline-helpers-")  # mode 0700: only this user can connect
@@ -425,13 +425,14 @@ class SharedHelpers:
                     child.close()
                 self.procs.append(proc)
                 self.controls.append(control)
-                Connection(os.dup(control.fileno())).send_bytes(setup)
+                settings_conn = Connection(os.dup(control.fileno()))
+                settings_conn.send_bytes(setup)
+                settings_conn.close()
                 addresses.append(address)
         except BaseException:
             self.close()
             raise
         self.addresses = tuple(addresses)
-        self.name = name
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p.poll() is None]
