@@ -112,7 +112,11 @@ def test_rerun_is_identical_and_reuses_work(built, synth_web_small, prefect_serv
 
 
 def test_kill_and_rerun_gives_identical_output(built, synth_web_small, tmp_path, prefect_server):
-    from pipelines.images.crawl_reader import crawl_shards
+    # The crawl's own rule for a finished shard (tar, Parquet and stats file all published). Not
+    # crawl_reader.crawl_shards: with no finished shard yet it falls back to any NNNNN.parquet (for plain img2dataset
+    # output), so a kill between a shard's Parquet and its stats file counted that shard as finished here while the
+    # rerun rightly downloaded it again (one failure in a full run).
+    from pipelines.crawl import crawl_shard_files
 
     out_ref, _ = built
     out = tmp_path / "killed"
@@ -128,7 +132,7 @@ def test_kill_and_rerun_gives_identical_output(built, synth_web_small, tmp_path,
     finished: list = []
     while time.time() < deadline and proc.poll() is None:
         try:
-            finished = crawl_shards(str(out / "crawl")) if (out / "crawl").exists() else []
+            finished = crawl_shard_files(str(out / "crawl")) if (out / "crawl").exists() else []
         except Exception:  # noqa: BLE001 - no finished shard yet
             finished = []
         if finished:
@@ -139,7 +143,7 @@ def test_kill_and_rerun_gives_identical_output(built, synth_web_small, tmp_path,
     assert finished, "the crawl never finished a shard before the deadline"
     assert not (out / "manifest.json").exists()
     done_urls = set()
-    for parquet, _tar in crawl_shards(str(out / "crawl")):
+    for _round, parquet, _tar in crawl_shard_files(str(out / "crawl")):
         t = pq.read_table(parquet, columns=["url", "status"])
         done_urls |= {u for u, st in zip(t.column("url").to_pylist(), t.column("status").to_pylist())
                       if st == "success"}
