@@ -105,6 +105,33 @@ def test_helpers_give_what_the_download_thread_would(settings):
         pool.close()
 
 
+@pytest.mark.parametrize("mode", ["keep_ratio", "center_crop", "border", "keep_ratio_largest"])
+def test_reused_transforms_give_the_resizer_s_own_bytes(mode, monkeypatch):
+    """quiet_resizer() makes img2dataset's Resizer reuse its albumentations transforms: the same bytes as
+    building them per image, for every resize mode, images smaller and larger than image_size, 16 threads
+    resizing at once with two sizes interleaved (a transform keeps its last call's parameters)."""
+    import albumentations
+    import img2dataset.resizer as resizer_module
+
+    from pipelines.crawl.processing import ReusedTransforms
+
+    bodies = _bodies()
+    resizers = [resizer_module.Resizer(image_size=size, resize_mode=mode, resize_only_if_bigger=False,
+                                       encode_quality=95, encode_format="jpg", min_image_size=0,
+                                       max_image_area=4_000_000) for size in (64, 150)]
+    jobs = [(r, b) for b in bodies for r in resizers]
+    monkeypatch.setattr(resizer_module, "A", albumentations)
+    built = [r(io.BytesIO(b), None) for r, b in jobs]
+    assert sum(1 for out in built if out[-1] is None) >= 76  # the two broken bodies fail at both sizes
+    quiet_resizer()
+    assert isinstance(resizer_module.A, ReusedTransforms)
+    with ThreadPoolExecutor(16) as ex:
+        reused = list(ex.map(lambda job: job[0](io.BytesIO(job[1]), None), jobs * 3))
+    assert reused == built * 3
+    assert resizer_module.A.CenterCrop is not albumentations.CenterCrop  # transforms are reused ...
+    assert resizer_module.A.__version__ == albumentations.__version__  # ... the rest is the module's
+
+
 def _process_while_killing(pool: ImageHelperPool, bodies: list[bytes], victim: int) -> list:
     """Every body through ``pool`` from 32 threads, SIGKILLing helper ``victim`` while they are pending."""
     with ThreadPoolExecutor(32) as ex:

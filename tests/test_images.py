@@ -354,3 +354,27 @@ def test_bad_crawl_dir_is_a_clear_error(tmp_path):
         process_images(str(tmp_path), str(tmp_path / "pool"))
     with pytest.raises(ValueError, match="unknown key"):
         ImagesConfig.from_dict({"min_sides": 3})
+
+
+def test_a_recrawled_uid_counts_once_where_its_final_outcome_is(tmp_path):
+    """Round 0 failed a and c; the re-crawl round got a and failed c again: the reader gives b from round 0 and
+    a, c from the re-crawl, once each, and only the uids found twice travel in the outcome map."""
+    from pipelines.images.crawl_reader import final_outcomes, read_crawl_shard
+
+    def shard(name, rows):
+        uri = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.table({"key": [r[0] for r in rows], "uid": [r[0] for r in rows],
+                                 "status": [r[1] for r in rows], "url": [f"http://x/{r[0]}" for r in rows]}), uri)
+        return uri, str(tmp_path / f"{name}.tar")
+
+    round0 = shard("00000", [("a", "failed_to_download"), ("b", "success"), ("c", "failed_to_download")])
+    round1 = shard("recrawl", [("a", "success"), ("c", "failed_to_download")])
+    outcomes = final_outcomes([round0, round1])
+    assert outcomes == {"a": round1[0], "c": round1[0]}
+    got = [(r["uid"], r["status"]) for pair in (round0, round1) for r in read_crawl_shard(pair, outcomes)]
+    assert sorted(got) == [("a", "success"), ("b", "success"), ("c", "failed_to_download")]
+    # a success is final even if a later shard names the uid again (first success wins)
+    again = shard("recrawl2", [("a", "failed_to_download")])
+    outcomes = final_outcomes([round0, round1, again])
+    assert outcomes["a"] == round1[0]
+    assert [r["uid"] for r in read_crawl_shard(again, outcomes)] == []

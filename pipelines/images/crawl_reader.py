@@ -55,17 +55,22 @@ def crawl_shards(crawl_dir: str) -> list[tuple[str, str]]:
 
 
 def final_outcomes(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """uid -> the crawl Parquet holding its final outcome: the first success over the rounds, else the latest
-    failure (a uid re-crawled after a failure appears in several rounds and must count once)."""
+    """uid -> the crawl Parquet holding its final outcome (the first success over the rounds, else the latest
+    failure), for the uids found in more than one shard (re-crawled after a failure); a uid found once is final
+    where it is and is left out, so the map that every reading worker gets stays the size of the re-crawls, not
+    of the crawl."""
     winner: dict[str, tuple[str, bool]] = {}
+    several: set[str] = set()
     for parquet_uri, _tar in pairs:
         with storage.open_read(parquet_uri) as f:
             table = pq.read_table(f, columns=["uid", "status"])
         for uid, status in zip(table.column("uid").to_pylist(), table.column("status").to_pylist()):
             prev = winner.get(uid)
+            if prev is not None:
+                several.add(uid)
             if prev is None or not prev[1]:
                 winner[uid] = (parquet_uri, status == "success")
-    return {uid: uri for uid, (uri, _ok) in winner.items()}
+    return {uid: winner[uid][0] for uid in several}
 
 
 def _read_rows(parquet_uri: str) -> list[dict]:
@@ -97,11 +102,11 @@ def _tar_images(tar_uri: str) -> dict[str, tuple[bytes, int, int]]:
 
 def read_crawl_shard(pair: tuple[str, str], outcomes: dict[str, str] | None = None) -> Iterator[dict]:
     """Records of one crawl shard, in its Parquet's row order; with ``outcomes`` (see :func:`final_outcomes`)
-    only the rows whose final outcome is in this shard."""
+    only the rows whose final outcome is in this shard (a uid it does not name is final where it is)."""
     parquet_uri, tar_uri = pair
     rows = _read_rows(parquet_uri)
     if outcomes is not None:
-        rows = [r for r in rows if outcomes.get(r["uid"]) == parquet_uri]
+        rows = [r for r in rows if outcomes.get(r["uid"], parquet_uri) == parquet_uri]
     successes = [r for r in rows if r.get("status") == "success"]
     precomputed = bool(successes) and all(r.get("img_sha256") is not None and r.get("jpg_offset") is not None
                                           for r in successes)
