@@ -194,6 +194,30 @@ def test_multi_index_search_equals_brute_force():
         assert near_dedup.component_roots(edges) == _brute_components(items, radius)
 
 
+def test_multi_index_search_with_shared_and_crowded_hashes_equals_brute_force():
+    """A placeholder hash many uids share and a crowded bucket (200 hashes agreeing on the first block, beyond the
+    numpy threshold) give the brute-force components, each edge once."""
+    rng = random.Random(5)
+    items = [(f"p{i:03d}", 0x0123456789ABCDEF) for i in range(120)]  # one hash shared by 120 uids
+    base = 0
+    for i in range(200):  # top 22 bits zero: one crowded bucket for radius 2 and 4, with chains inside it
+        h = rng.getrandbits(42) if i % 4 == 0 else base ^ (1 << rng.randrange(42)) ^ (1 << rng.randrange(42))
+        base = h
+        items.append((f"c{i:03d}", h))
+    items += [(f"q{i:02d}", 0x0123456789ABCDEF ^ (1 << i)) for i in range(0, 64, 9)]  # near the placeholder
+    items += [(f"d{i:02d}", items[200][1]) for i in range(5)]  # duplicates of a crowded-bucket hash
+    for radius in (0, 2, 4):
+        buckets: dict = {}
+        for uid, h in items:
+            for b in near_dedup.blocks(h, radius):
+                buckets.setdefault(b, []).append((uid, h))
+        if radius:
+            assert max(len({h for _u, h in m}) for m in buckets.values()) > near_dedup._NUMPY_FROM
+        edges = [e for (bi, _), members in buckets.items() for e in near_dedup.bucket_pairs(bi, members, radius)]
+        assert len(edges) == len(set(edges)) and all(a < b for a, b in edges)
+        assert near_dedup.component_roots(edges) == _brute_components(items, radius)
+
+
 def test_component_roots_keep_smallest_uid():
     assert near_dedup.component_roots([("b", "c"), ("a", "c"), ("x", "y")]) == {"b": "a", "c": "a", "y": "x"}
 

@@ -32,24 +32,64 @@ def hamming64(a: int, b: int) -> int:
     return (int(a) ^ int(b)).bit_count()
 
 
-def bucket_pairs(block_index: int, members: Sequence[tuple[str, int]], radius: int) -> list[tuple[str, str]]:
-    """Verified near-duplicate pairs (smaller uid first) of one bucket.
+def _first_zero_block(x: int, bounds: list[tuple[int, int]]) -> int:
+    return next(k for k, (shift, w) in enumerate(bounds) if (x >> shift) & ((1 << w) - 1) == 0)
 
-    A pair that agrees on several blocks is reported only from the lowest such block, so no pair comes out twice.
+
+def bucket_pairs(block_index: int, members: Sequence[tuple[str, int]], radius: int) -> list[tuple[str, str]]:
+    """Near-duplicate edges (smaller uid first) of one bucket: enough to give the same connected components as
+    every verified pair.
+
+    Members with the same hash are chained (each to the next, in uid order) and only their smallest uid is
+    compared with the other hashes: a placeholder image a million pages share costs a million edges, not 10^12
+    comparisons. The remaining comparisons run in numpy once a bucket has more than ``_NUMPY_FROM`` distinct hashes.
+    A pair that agrees on several blocks is reported only from the lowest such block (identical hashes: block 0),
+    so no edge comes out twice.
     """
+    if len(members) < 2:
+        return []
     bounds = block_bounds(radius)
-    items = sorted(members)
+    groups: dict[int, list[str]] = {}
+    reps = []  # (smallest uid, hash) of each distinct hash, in uid order
+    for uid, h in sorted(members):
+        h = int(h)
+        uids = groups.get(h)
+        if uids is None:
+            groups[h] = [uid]
+            reps.append((uid, h))
+        else:
+            uids.append(uid)
     out = []
-    for i in range(len(items)):
-        ua, ha = items[i]
-        for j in range(i + 1, len(items)):
-            ub, hb = items[j]
-            x = int(ha) ^ int(hb)
-            if x.bit_count() > radius:
-                continue
-            first = next(k for k, (shift, w) in enumerate(bounds) if (x >> shift) & ((1 << w) - 1) == 0)
-            if first == block_index:
-                out.append((ua, ub) if ua < ub else (ub, ua))
+    if block_index == 0 and len(reps) < len(members):
+        for uids in groups.values():
+            out.extend(zip(uids, uids[1:]))
+    if len(reps) > _NUMPY_FROM:
+        return out + _distinct_pairs_numpy(block_index, reps, radius, bounds)
+    for i in range(len(reps)):
+        ua, ha = reps[i]
+        for j in range(i + 1, len(reps)):
+            ub, hb = reps[j]
+            x = ha ^ hb
+            if x.bit_count() <= radius and _first_zero_block(x, bounds) == block_index:
+                out.append((ua, ub))
+    return out
+
+
+_NUMPY_FROM = 48  # distinct hashes in a bucket from which the pairwise check runs in numpy
+
+
+def _distinct_pairs_numpy(block_index: int, reps: list[tuple[str, int]], radius: int,
+                          bounds: list[tuple[int, int]]) -> list[tuple[str, str]]:
+    import numpy as np
+
+    hashes = np.array([h for _u, h in reps], dtype=np.uint64)
+    out = []
+    for i in range(len(reps) - 1):
+        close = np.flatnonzero(np.bitwise_count(hashes[i + 1:] ^ hashes[i]) <= radius)
+        for j in close:
+            ub, hb = reps[i + 1 + int(j)]
+            if _first_zero_block(reps[i][1] ^ hb, bounds) == block_index:
+                out.append((reps[i][0], ub))
     return out
 
 
