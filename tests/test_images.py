@@ -172,6 +172,15 @@ def _brute_components(items, radius):
     return near_dedup.component_roots(edges)
 
 
+def _buckets(items, radius):
+    """The stage's multi-index buckets: (block index, block value) -> members."""
+    buckets: dict = {}
+    for uid, h in items:
+        for b in near_dedup.blocks(h, radius):
+            buckets.setdefault(b, []).append((uid, h))
+    return buckets
+
+
 def test_multi_index_search_equals_brute_force():
     rng = random.Random(3)
     items = []
@@ -185,10 +194,7 @@ def test_multi_index_search_equals_brute_force():
                     h ^= 1 << rng.randrange(64)
                 items.append((f"v{i:04d}{j}", h))
     for radius in (0, 2, 4):
-        buckets: dict = {}
-        for uid, h in items:
-            for b in near_dedup.blocks(h, radius):
-                buckets.setdefault(b, []).append((uid, h))
+        buckets = _buckets(items, radius)
         edges = [e for (bi, _), members in buckets.items() for e in near_dedup.bucket_pairs(bi, members, radius)]
         assert len(edges) == len(set(edges))  # each pair reported once
         assert near_dedup.component_roots(edges) == _brute_components(items, radius)
@@ -207,10 +213,7 @@ def test_multi_index_search_with_shared_and_crowded_hashes_equals_brute_force():
     items += [(f"q{i:02d}", 0x0123456789ABCDEF ^ (1 << i)) for i in range(0, 64, 9)]  # near the placeholder
     items += [(f"d{i:02d}", items[200][1]) for i in range(5)]  # duplicates of a crowded-bucket hash
     for radius in (0, 2, 4):
-        buckets: dict = {}
-        for uid, h in items:
-            for b in near_dedup.blocks(h, radius):
-                buckets.setdefault(b, []).append((uid, h))
+        buckets = _buckets(items, radius)
         if radius:
             assert max(len({h for _u, h in m}) for m in buckets.values()) > near_dedup._NUMPY_FROM
         edges = [e for (bi, _), members in buckets.items() for e in near_dedup.bucket_pairs(bi, members, radius)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 
 def block_bounds(radius: int, bits: int = 64) -> list[tuple[int, int]]:
     """(shift, width) of ``radius + 1`` near-equal contiguous blocks covering ``bits`` bits, most significant first."""
@@ -80,8 +82,6 @@ _NUMPY_FROM = 48  # distinct hashes in a bucket from which the pairwise check ru
 
 def _distinct_pairs_numpy(block_index: int, reps: list[tuple[str, int]], radius: int,
                           bounds: list[tuple[int, int]]) -> list[tuple[str, str]]:
-    import numpy as np
-
     hashes = np.array([h for _u, h in reps], dtype=np.uint64)
     out = []
     for i in range(len(reps) - 1):
