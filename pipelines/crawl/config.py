@@ -42,9 +42,13 @@ class CrawlConfig(Config):
     consecutive 429/5xx; ``host_failure_limit`` connect errors / timeouts in a row pause the host for
     ``host_pause_seconds`` and its pending URLs end as ``host_unavailable`` (retried in a later round).
 
-    robots.txt: fetched once per host and process with ``robots_timeout``; 4xx = allow all, 5xx / timeout /
-    connection error = disallow all (``robots_unavailable``); checked for ``user_agent_token`` before any request
-    to a URL. ``respect_robots: false`` switches it off. Requests send ``User-Agent: clipline/<token> (+contact)``.
+    robots.txt: fetched once per host with ``robots_timeout`` and shared by the crawl processes of a machine and
+    the crawl's rounds (:mod:`pipelines.crawl.robots_store`; 24 h at most); 4xx = allow all, 5xx / timeout /
+    connection error = disallow all (``robots_unavailable``, for the round only); checked for ``user_agent_token``
+    before any request to a URL. ``robots_prefetch_threads`` (multiprocessing distributor; 0 = off): threads of
+    the calling process that fetch robots.txt ahead of the crawl processes, in the URL list's order
+    (:mod:`pipelines.crawl.robots_prefetch`). ``respect_robots: false`` switches it off. Requests send
+    ``User-Agent: clipline/<token> (+contact)``.
 
     Guard: ``allow_cidrs`` are address ranges allowed in addition to public addresses (e.g. ("127.0.0.1/32",) for
     a local test server); everything else private, loopback, link-local, multicast, reserved or cloud-metadata stays
@@ -89,6 +93,7 @@ class CrawlConfig(Config):
     disallowed_header_directives: tuple[str, ...] = field(default=DEFAULT_DISALLOWED_DIRECTIVES)
     respect_robots: bool = True
     robots_timeout: float = 5.0
+    robots_prefetch_threads: int = 8
     per_host_connections: int = 2
     per_host_rps: float | None = 5.0
     host_failure_limit: int = 5
@@ -138,6 +143,7 @@ class CrawlConfig(Config):
         for name in ("min_image_size", "retries", "recrawl_rounds"):
             number(name, integer=True, minimum=0)
         number("image_processes", integer=True, minimum=0, optional=True)
+        number("robots_prefetch_threads", integer=True, minimum=0)
         number("encode_quality", integer=True, minimum=0)
         check(self.encode_quality <= (9 if self.encode_format == "png" else 100), "crawl.encode_quality",
               f"must be <= {9 if self.encode_format == 'png' else 100} for {self.encode_format}, "

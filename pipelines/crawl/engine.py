@@ -37,6 +37,7 @@ from pipelines.crawl.config import CrawlConfig  # noqa: E402
 from pipelines.crawl.politeness import PolitenessSettings  # noqa: E402
 
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard names 00000, 00001, ...
+ROBOTS_STORE = "robots.sqlite"  # in the crawl's staging root: robots.txt decisions shared by its processes and rounds
 _patch_lock = threading.Lock()
 
 
@@ -209,6 +210,9 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
     from pipelines.crawl.processing import PixelLimitResizer
     from pipelines.crawl.worker import CrawlDownloader, CrawlShardWriter
 
+    from pipelines.crawl.robots_prefetch import RobotsPrefetch
+    from pipelines.crawl.robots_store import RobotsStore
+
     storage.delete_prefix(staging)
     out_dir, tmp_dir, progress_dir = (os.path.join(staging, d) for d in ("out", "_tmp", "_progress"))
     for d in (out_dir, tmp_dir, progress_dir):
@@ -235,6 +239,19 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
             retries=config.retries, user_agent_token=config.user_agent_token,
             disallowed_header_directives=list(config.disallowed_header_directives) or None,
             settings=worker_settings(config, publish_dir, progress_dir, log_file))
+        prefetch = None
+        if config.respect_robots:
+            # One robots.txt decision per host for the machine's crawl processes and the crawl's rounds, in the
+            # crawl's staging root (kept across rounds; a round's own staging directory is emptied).
+            store_path = os.path.join(os.path.dirname(os.path.abspath(staging)), ROBOTS_STORE)
+            downloader.settings = dataclasses.replace(downloader.settings, robots_store=store_path,
+                                                      robots_scope=publish_dir)
+            if config.distributor == "multiprocessing" and config.robots_prefetch_threads > 0:
+                prefetch = RobotsPrefetch(RobotsStore(store_path, claim_seconds=config.robots_timeout + 5.0),
+                                          publish_dir, local_list, settings=downloader.settings,
+                                          threads=config.robots_prefetch_threads,
+                                          shard_size=config.number_sample_per_shard, done_shards=set(done_shards))
+                prefetch.start()
         distribute = {"multiprocessing": multiprocessing_distributor,
                       "pyspark": pyspark_distributor}[config.distributor]
         if config.distributor == "pyspark":
@@ -257,6 +274,11 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
                     downloader.settings = dataclasses.replace(downloader.settings, helper_addresses=shared.addresses)
             distribute(config.processes, downloader, reader, 1000, config.max_shard_retry)
         finally:
+            if prefetch is not None:
+                prefetch.stop()
+                print(f"round {round_no}: robots.txt prefetched for {prefetch.fetched} hosts "
+                      f"({prefetch.seconds:.2f} s of requests), {prefetch.skipped} already decided or claimed"
+                      + (f"; prefetch stopped early: {prefetch.error}" if prefetch.error else ""), file=log)
             if shared is not None:
                 shared.close()
                 print(f"round {round_no}: {len(shared.addresses)} shared image helper processes used "

@@ -136,6 +136,8 @@ class HostState:
     probation: bool = False
     robots_state: int = ROBOTS_UNKNOWN
     robots: object = None  # a robots.RobotsPolicy, or None (no decision)
+    robots_scope: str = ""  # the round that decided it
+    robots_at: float = 0.0  # monotonic time of the decision
 
     def refill(self, now: float, rps: float | None) -> None:
         if rps is None:
@@ -241,9 +243,11 @@ class ShardScheduler:
     newer one for the same host is skipped, so each step costs O(log hosts), not a scan of every host.
     """
 
-    def __init__(self, politeness: Politeness, items: list[tuple[int, str]], *, respect_robots: bool):
+    def __init__(self, politeness: Politeness, items: list[tuple[int, str]], *, respect_robots: bool,
+                 robots_scope: str = ""):
         self.p = politeness
         self.respect_robots = respect_robots
+        self.robots_scope = robots_scope
         self.queues: dict[str, collections.deque] = {}
         for key, url in items:
             h = host_key(url)
@@ -349,6 +353,8 @@ class ShardScheduler:
                     self.n_queued -= 1
                     st.active += 1
                     task.seq = p._start_request(st, now)
+                    if self.respect_robots and st.robots_state == ROBOTS_KNOWN and self._robots_stale(st, now):
+                        st.robots_state = ROBOTS_UNKNOWN
                     if self.respect_robots and st.robots_state == ROBOTS_UNKNOWN:
                         st.robots_state = ROBOTS_FETCHING
                         task.fetch_robots = True
@@ -385,13 +391,39 @@ class ShardScheduler:
             self._put_back(task)
             self.p.cond.notify()
 
-    def robots_done(self, task: Task, policy) -> None:
+    def _robots_stale(self, st: HostState, now: float) -> bool:
+        """A decision this process holds that no longer applies (a process that lives across rounds or crawls,
+        e.g. a reused Spark Python worker): older than a day (RFC 9309), or "unavailable" / "no decision" from
+        another round (which asks again: that is why those URLs are retryable)."""
+        from pipelines.crawl.robots import ALLOW_ALL, RULES
+        from pipelines.crawl.robots_store import DEFAULT_TTL
+
+        if now - st.robots_at > DEFAULT_TTL:
+            return True
+        definitive = st.robots is not None and getattr(st.robots, "kind", None) in (RULES, ALLOW_ALL)
+        return not definitive and st.robots_scope != self.robots_scope
+
+    def robots_done(self, task: Task, policy, *, last_request_wall: float | None = None) -> bool:
+        """Record the host's robots.txt decision. ``last_request_wall``: when the decision came from another
+        process, the wall time of its robots.txt request; the token this task took is then its image request's,
+        unless that request would come sooner than the host's rate allows after the robots.txt one: then the
+        token is given back, the bucket set to refill no sooner, and True returned (requeue the task)."""
+        wait = False
         with self.p.cond:
             st = self.p.host(task.host)
-            st.robots, st.robots_state = policy, ROBOTS_KNOWN
+            now = time.monotonic()
+            st.robots, st.robots_state, st.robots_scope, st.robots_at = policy, ROBOTS_KNOWN, self.robots_scope, now
+            rps = self.p.settings.rps
+            if last_request_wall is not None and rps:
+                earliest = now - max(0.0, time.time() - last_request_wall) + 1.0 / rps
+                if earliest > now:
+                    st.refill(now, rps)
+                    st.tokens = min(1.0, st.tokens + 1.0, 1.0 - (earliest - now) * rps)
+                    wait = True
             if task.host in self.blocked:
-                self._place(task.host, time.monotonic())
+                self._place(task.host, now)
             self.p.cond.notify_all()
+        return wait
 
     def finish(self, task: Task, *, reason: str | None, http_status: int | None = None,
                retry_after: float | None = None, requested: bool = True, retry: bool = False) -> bool:

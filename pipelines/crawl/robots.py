@@ -34,6 +34,7 @@ class RobotsPolicy:
     detail: str = ""
     parser: urllib.robotparser.RobotFileParser | None = None
     status: int | None = None
+    text: str | None = None  # robots.txt's body as fetched (rules only), until it is stored
 
     def can_fetch(self, user_agent_token: str, url: str) -> tuple[bool, str | None]:
         """(allowed, reason when not)."""
@@ -82,5 +83,5 @@ def fetch_robots(opener: urllib.request.OpenerDirector, url: str, *, user_agent:
     except Exception:  # noqa: BLE001 - cannot happen with errors="replace"; kept for clarity
         return RobotsPolicy(DISALLOW_ALL, "robots.txt is not text")
     policy = parse_robots(text)
-    policy.status = status
+    policy.status, policy.text = status, text
     return policy

@@ -51,6 +51,7 @@ from pipelines.crawl.image_helper import HelperUnavailable, ImageHelperPool  # n
 from pipelines.crawl.processing import ProcessingSettings, install_limits, process_body, quiet_resizer  # noqa: E402
 from pipelines.crawl.reasons import http_reason, normalise_reason  # noqa: E402
 from pipelines.crawl.robots import fetch_robots  # noqa: E402
+from pipelines.crawl.robots_store import RobotsStore  # noqa: E402
 from pipelines.crawl.ssrf import REASON_PREFIX, AddressPolicy, DnsCache, build_guarded_opener  # noqa: E402
 
 TAR_MTIME = 0  # fixed member mtimes: the same downloaded content gives the same tar bytes
@@ -99,6 +100,8 @@ class WorkerSettings:
     hash_images: bool = True
     image_processes: int = 1  # helper processes per crawl process for resize + hashes (0: the download threads)
     helper_addresses: tuple[str, ...] = ()  # the round's shared helpers (SharedHelpers), used instead when given
+    robots_store: str | None = None  # the machine's robots.txt decisions (robots_store.RobotsStore), local path
+    robots_scope: str = ""  # the round: decisions that hold for one round only are kept for this scope
 
 
 # ---------------------------------------------------------------------------------------------- process set-up
@@ -127,7 +130,7 @@ def process_tools(settings: WorkerSettings) -> dict:
     """This process's openers, DNS cache and host table for ``settings`` (created once per process)."""
     with _process_lock:
         key = ("tools", settings.allow_cidrs, settings.max_bytes, settings.max_seconds, settings.dns_cache_seconds,
-               settings.robots_timeout)
+               settings.robots_timeout, settings.robots_store if settings.respect_robots else None)
         tools = _process.get(key)
         if tools is None:
             policy = AddressPolicy(settings.allow_cidrs)
@@ -138,6 +141,10 @@ def process_tools(settings: WorkerSettings) -> dict:
                                                resolver=dns),
                 "robots_opener": build_guarded_opener(policy, max_bytes=None, max_seconds=settings.robots_timeout,
                                                       resolver=dns, images_only=False),
+                # A claim outlives the robots.txt fetch's own deadline by a margin (a killed claimant blocks no one
+                # for longer).
+                "robots_store": (RobotsStore(settings.robots_store, claim_seconds=settings.robots_timeout + 5.0)
+                                 if settings.robots_store and settings.respect_robots else None),
             }
             _process[key] = tools
         tools["politeness"] = P.process_politeness(settings.politeness)
@@ -309,18 +316,10 @@ class CrawlDownloader(Downloader):
             return True, FetchResult(None, task.skip_reason, f"{REASON_PREFIX}{task.skip_reason}: host paused "
                                      f"after repeated failures (host_failure_limit)")
         st = tools["politeness"].host(task.host)
-        fetched_robots = False
+        must_wait = False
         if task.fetch_robots:
-            policy = None
-            t0 = time.monotonic()
-            try:
-                policy = fetch_robots(tools["robots_opener"], task.url, user_agent=s.user_agent,
-                                      timeout=min(s.op_timeout, s.robots_timeout))
-            finally:
-                sched.count_request(task.host, time.monotonic() - t0, timed_out=False)
-                sched.robots_done(task, policy)
+            must_wait = self._decide_robots(sched, tools, task)
             task.fetch_robots = False
-            fetched_robots = True
         if s.respect_robots and st.robots is not None:
             allowed, why = st.robots.can_fetch(s.user_agent_token, task.url)
             if not allowed:
@@ -328,7 +327,7 @@ class CrawlDownloader(Downloader):
                 detail = "robots.txt disallows it" if why == R.ROBOTS_DISALLOWED else \
                     f"robots.txt could not be read ({st.robots.detail})"
                 return True, FetchResult(None, why, f"{REASON_PREFIX}{why}: {detail}")
-        if fetched_robots:  # the image is a second request to the host: back in the queue until its token
+        if must_wait:  # the image is a second request to the host: back in the queue until its token
             sched.requeue(task)
             return False, FetchResult(None)
         task.attempts += 1
@@ -345,6 +344,36 @@ class CrawlDownloader(Downloader):
         finished = sched.finish(task, reason=res.reason, http_status=res.http_status, retry_after=res.retry_after,
                                 retry=retry)
         return finished, res
+
+    def _decide_robots(self, sched: P.ShardScheduler, tools: dict, task: P.Task) -> bool:
+        """The host's robots.txt decision: from the machine's store when another process (or the prefetch) has
+        it, else fetched here and stored. True when the task must go back to the queue before its image request
+        (a request was just made to the host, here or elsewhere, and its token bucket says wait)."""
+        s, store = self.settings, tools["robots_store"]
+        got = store.wait(task.host, s.robots_scope) if store is not None else True
+        if got is not True:  # decided elsewhere: no request from this process
+            prefetched = store.take_uncounted(task.host)
+            if prefetched is not None:  # the prefetch's request is counted once, in the first shard that uses it
+                sched.count_request(task.host, prefetched, timed_out=False)
+            return sched.robots_done(task, got.policy, last_request_wall=got.fetched_at)
+        policy, fetched_at, t0 = None, time.time(), time.monotonic()
+        try:
+            policy = fetch_robots(tools["robots_opener"], task.url, user_agent=s.user_agent,
+                                  timeout=min(s.op_timeout, s.robots_timeout))
+        except BaseException:  # fetch_robots classifies every failure: this is clipline's own; nothing stored
+            if store is not None:
+                store.release(task.host)
+            raise
+        finally:
+            seconds = time.monotonic() - t0
+            sched.count_request(task.host, seconds, timed_out=False)
+            sched.robots_done(task, policy)
+        if store is not None:
+            store.put(task.host, s.robots_scope, policy, fetched_at=fetched_at, seconds=seconds,
+                      text=policy.text if policy is not None else None)
+        if policy is not None:
+            policy.text = None
+        return True
 
     def processing_settings(self) -> ProcessingSettings:
         return ProcessingSettings(resizer=self.resizer, max_image_pixels=self.settings.max_image_pixels,
@@ -450,7 +479,7 @@ class CrawlDownloader(Downloader):
         prior_i = self.column_list.index("prior_timeouts") if "prior_timeouts" in self.column_list else None
 
         sched = P.ShardScheduler(tools["politeness"], [(k, x[url_i]) for k, x in shard_to_dl],
-                                 respect_robots=s.respect_robots)
+                                 respect_robots=s.respect_robots, robots_scope=s.robots_scope)
         results: queue.Queue = queue.Queue(maxsize=self.thread_count * 2)  # bounds images held in memory
         errors: list[str] = []
         helpers = self._helpers()
