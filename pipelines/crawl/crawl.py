@@ -21,10 +21,11 @@ import pyarrow.parquet as pq
 
 from pipelines.core import storage
 from pipelines.crawl.config import CrawlConfig
-from pipelines.crawl.engine import ProgressHook, run_round, staging_root
+from pipelines.crawl.engine import ROBOTS_STORE, ProgressHook, run_round, staging_root
 from pipelines.crawl.politeness import spread_hosts
 from pipelines.crawl.reasons import RETRYABLE_REASONS
 from pipelines.crawl.results import crawl_outcome, shard_stats
+from pipelines.crawl.robots_store import RobotsStore
 from pipelines.crawl.rounds import (META_DIR, CrawlError, CrawlIncompleteError, RoundInfo, crawl_shard_files,
                                     list_rounds, load_round_config, meta_uri, round_dir)
 from schemas import SchemaError, conform
@@ -249,4 +250,7 @@ def crawl_all(candidates, crawl_dir: str | os.PathLike, config: CrawlConfig | No
     rounds = [crawl(candidates, crawl_dir, config, progress=progress, log_file=log_file)]
     for r in range(1, config.recrawl_rounds + 1):
         rounds.append(recrawl_failures(crawl_dir, config, round_no=r, progress=progress, log_file=log_file))
+    # Every round is finished: the robots.txt decisions the rounds shared are not needed any more (a later crawl
+    # into this directory, e.g. a new dataset version, asks the hosts again).
+    RobotsStore(os.path.join(staging_root(config, str(crawl_dir)), ROBOTS_STORE)).remove()
     return rounds

@@ -22,7 +22,10 @@ needs no service next to the crawl, works the same under the multiprocessing and
 fail or slow down with it. What it costs: a host whose URLs all land in one process's shard is crawled at 1/P of
 its allowance (slower, not ruder). One exception: every process keeps at least one connection, so with more
 processes than ``per_host_connections`` a host can see up to ``processes`` connections at once (the request rate
-stays bounded); keep ``processes`` <= ``per_host_connections`` where that matters, or lower the rate. robots.txt and DNS are likewise cached per process: a host's robots.txt is fetched once per crawl process.
+stays bounded); keep ``processes`` <= ``per_host_connections`` where that matters, or lower the rate. DNS is
+cached per process. robots.txt is not split: the crawl processes of a machine share one decision per host through
+:mod:`pipelines.crawl.robots_store` (one request per host and machine, for all the crawl's rounds), and the process
+that uses a decision another made keeps the host's rate after that request.
 
 The scheduler (:class:`ShardScheduler`) hands a thread the next URL of the host, among those that may be requested
 now, with the most URLs left in the shard (its critical path); when none may, the thread sleeps until the earliest

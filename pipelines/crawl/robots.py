@@ -1,4 +1,5 @@
-"""robots.txt, fetched once per host and crawl process, parsed with ``urllib.robotparser``.
+"""robots.txt, fetched once per host (shared by a machine's crawl processes and the crawl's rounds through
+:mod:`pipelines.crawl.robots_store`), parsed with ``urllib.robotparser``.
 
 Conventions (RFC 9309 and what large crawlers do): a 2xx answer is parsed and obeyed; a 4xx answer (404, 403, 410
 ...) means there are no rules, allow all; a 5xx answer, a timeout, a connection error or a body that is not text

@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 from pipelines.crawl.robots import ALLOW_ALL, DISALLOW_ALL, RULES, RobotsPolicy, parse_robots
@@ -41,7 +42,7 @@ CREATE TABLE IF NOT EXISTS robots (
     scope TEXT NOT NULL,         -- the crawl round that wrote it
     detail TEXT,
     status INTEGER,
-    body TEXT,                   -- robots.txt's text, for rules
+    body BLOB,                   -- robots.txt's text, zlib-compressed, for rules
     at REAL NOT NULL,            -- wall time of the request (of the claim, while claimed)
     seconds REAL NOT NULL DEFAULT 0,
     uncounted INTEGER NOT NULL DEFAULT 0  -- a prefetch request no shard has counted yet
@@ -99,7 +100,7 @@ class RobotsStore:
         if kind == NO_DECISION:
             return Decision(None, at)
         if kind == RULES:
-            policy = parse_robots(body or "")
+            policy = parse_robots(zlib.decompress(body).decode("utf-8") if body else "")
             policy.status, policy.detail = status, detail or ""
         else:
             policy = RobotsPolicy(kind, detail or "", status=status)
@@ -125,8 +126,13 @@ class RobotsStore:
                             db.execute("COMMIT")
                             return False
                     elif now - at <= self.ttl and (kind in (RULES, ALLOW_ALL) or row_scope == scope):
-                        db.execute("COMMIT")
-                        return self._decision((kind, detail, status, body, at))
+                        try:
+                            decision = self._decision((kind, detail, status, body, at))
+                        except (zlib.error, UnicodeDecodeError):
+                            decision = None  # a damaged entry: fetched again
+                        if decision is not None:
+                            db.execute("COMMIT")
+                            return decision
                 db.execute("INSERT OR REPLACE INTO robots (host, kind, scope, at) VALUES (?, ?, ?, ?)",
                            (host, CLAIM, scope, now))
                 db.execute("COMMIT")
@@ -161,7 +167,8 @@ class RobotsStore:
             self._db().execute(
                 "INSERT OR REPLACE INTO robots (host, kind, scope, detail, status, body, at, seconds, uncounted) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (host, kind, scope, detail, status, text if kind == RULES else None, fetched_at, seconds,
+                (host, kind, scope, detail, status,
+                 zlib.compress(text.encode("utf-8"), 6) if kind == RULES and text else None, fetched_at, seconds,
                  int(uncounted)))
         except (sqlite3.Error, OSError) as exc:
             self._fail(exc)
@@ -194,6 +201,15 @@ class RobotsStore:
             return dict(self._db().execute("SELECT kind, COUNT(*) FROM robots GROUP BY kind").fetchall())
         except (sqlite3.Error, OSError):
             return {}
+
+    def remove(self) -> None:
+        """Delete the store's files (the crawl is over; nothing may use it any more)."""
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.remove(self.path + suffix)
+            except FileNotFoundError:
+                pass
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
