@@ -107,6 +107,23 @@ class RobotsStore:
         return Decision(policy, at)
 
     # ------------------------------------------------------------------------------------------------ the API
+    _SELECT = "SELECT kind, scope, detail, status, body, at FROM robots WHERE host = ?"
+
+    def _usable(self, row, scope: str, now: float):
+        """What a stored row means now: a ``Decision``, False (another caller's live claim) or None (nothing
+        usable: expired, for another round, damaged, or no row)."""
+        if row is None:
+            return None
+        kind, row_scope, detail, status, body, at = row
+        if kind == CLAIM:
+            return False if now - at < self.claim_seconds else None
+        if now - at > self.ttl or not (kind in (RULES, ALLOW_ALL) or row_scope == scope):
+            return None
+        try:
+            return self._decision((kind, detail, status, body, at))
+        except (zlib.error, UnicodeDecodeError):
+            return None  # a damaged entry: fetched again
+
     def claim(self, host: str, scope: str, *, now: float | None = None):
         """``Decision`` when a usable one is stored; True when this caller now holds the claim (it must
         :meth:`put` a decision or :meth:`release`); False when another caller holds a live claim."""
@@ -115,31 +132,22 @@ class RobotsStore:
         now = time.time() if now is None else now
         try:
             db = self._db()
+            # A plain read first (WAL: it takes no lock that blocks the writers): most calls find a decision or a
+            # claim, and only a caller that may claim takes the write lock, and reads again under it.
+            found = self._usable(db.execute(self._SELECT, (host,)).fetchone(), scope, now)
+            if found is not None:
+                return found
             db.execute("BEGIN IMMEDIATE")
             try:
-                row = db.execute("SELECT kind, scope, detail, status, body, at FROM robots WHERE host = ?",
-                                 (host,)).fetchone()
-                if row is not None:
-                    kind, row_scope, detail, status, body, at = row
-                    if kind == CLAIM:
-                        if now - at < self.claim_seconds:
-                            db.execute("COMMIT")
-                            return False
-                    elif now - at <= self.ttl and (kind in (RULES, ALLOW_ALL) or row_scope == scope):
-                        try:
-                            decision = self._decision((kind, detail, status, body, at))
-                        except (zlib.error, UnicodeDecodeError):
-                            decision = None  # a damaged entry: fetched again
-                        if decision is not None:
-                            db.execute("COMMIT")
-                            return decision
-                db.execute("INSERT OR REPLACE INTO robots (host, kind, scope, at) VALUES (?, ?, ?, ?)",
-                           (host, CLAIM, scope, now))
+                found = self._usable(db.execute(self._SELECT, (host,)).fetchone(), scope, now)
+                if found is None:
+                    db.execute("INSERT OR REPLACE INTO robots (host, kind, scope, at) VALUES (?, ?, ?, ?)",
+                               (host, CLAIM, scope, now))
                 db.execute("COMMIT")
-                return True
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            return True if found is None else found
         except (sqlite3.Error, OSError) as exc:
             self._fail(exc)
             return True
