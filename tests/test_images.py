@@ -225,6 +225,30 @@ def test_component_roots_keep_smallest_uid():
     assert near_dedup.component_roots([("b", "c"), ("a", "c"), ("x", "y")]) == {"b": "a", "c": "a", "y": "x"}
 
 
+def test_components_combiner_merges_partial_forests_like_one_union_find():
+    """NearComponents folds edges per bundle and merges the forests: any split of the edges into bundles, with or
+    without compaction, in any merge order, gives the components of all the edges at once."""
+    from pipelines.images.transforms import NearComponents
+
+    rng = random.Random(5)
+    for trial in range(30):
+        n = rng.randrange(2, 300)
+        uids = [f"u{rng.randrange(10 ** 6):06d}" for _ in range(n)]
+        edges = [(rng.choice(uids), rng.choice(uids)) for _ in range(rng.randrange(1, 2 * n))]
+        edges = [(a, b) for a, b in edges if a != b] or [(uids[0], uids[-1] + "x")]
+        fn = NearComponents()
+        bundles = [fn.create_accumulator() for _ in range(rng.randrange(1, 8))]
+        for e in edges:
+            k = rng.randrange(len(bundles))
+            bundles[k] = fn.add_input(bundles[k], e)
+        bundles = [fn.compact(b) if rng.random() < 0.5 else b for b in bundles]
+        rng.shuffle(bundles)
+        while len(bundles) > 1:  # merged in a tree of random shape, as a runner may
+            k = rng.randrange(1, len(bundles) + 1)
+            bundles = [fn.merge_accumulators(bundles[:k])] + bundles[k:]
+        assert fn.extract_output(bundles[0]) == near_dedup.component_roots(edges), trial
+
+
 # ------------------------------------------------------------------------------------------------ Beam transforms
 
 

@@ -93,24 +93,39 @@ def _distinct_pairs_numpy(block_index: int, reps: list[tuple[str, int]], radius:
     return out
 
 
+def find(parent: dict[str, str], x: str) -> str:
+    """The root of ``x`` in the forest ``parent`` (uids without an entry are roots), compressing the path."""
+    root = x
+    while parent.get(root, root) != root:
+        root = parent[root]
+    while parent.get(x, x) != root:
+        parent[x], x = root, parent[x]
+    return root
+
+
+def union(parent: dict[str, str], a: str, b: str) -> None:
+    """Join the components of ``a`` and ``b``; the root of a component is always its smallest uid."""
+    ra, rb = find(parent, a), find(parent, b)
+    if ra != rb:
+        if ra < rb:
+            parent[rb] = ra
+        else:
+            parent[ra] = rb
+
+
+def flatten(parent: dict[str, str]) -> dict[str, str]:
+    """uid -> its root, for the uids that are not roots (the smallest form of the same forest)."""
+    out = {}
+    for x in list(parent):
+        r = find(parent, x)
+        if r != x:
+            out[x] = r
+    return out
+
+
 def component_roots(edges: Iterable[tuple[str, str]]) -> dict[str, str]:
     """uid -> smallest uid of its connected component, for every uid that is not its component's smallest."""
     parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        root = x
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while parent.get(x, x) != root:  # path compression
-            parent[x], x = root, parent[x]
-        return root
-
     for a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            # union by smaller uid: the root of a component is always its smallest uid
-            if ra < rb:
-                parent[rb] = ra
-            else:
-                parent[ra] = rb
-    return {x: find(x) for x in list(parent) if find(x) != x}
+        union(parent, a, b)
+    return flatten(parent)

@@ -173,6 +173,37 @@ def _apply_roots(item):
             yield row
 
 
+class NearComponents(beam.CombineFn):
+    """Connected components of the near-duplicate edges as a combiner: each worker folds the edges of its bundles
+    into a union-find forest of the uids it saw (smallest uid as root), the forests are flattened and merged, and
+    the output maps every uid that is not its component's smallest to that smallest uid. So the edges are never
+    gathered in one place (a ``ToList`` of every edge did, ~150 bytes an edge on one worker): the merge holds the
+    uids that have a near duplicate, once each."""
+
+    def create_accumulator(self) -> dict[str, str]:
+        return {}
+
+    def add_input(self, parent, edge):
+        near_dedup.union(parent, edge[0], edge[1])
+        return parent
+
+    def merge_accumulators(self, accumulators):
+        forests = iter(accumulators)
+        merged = next(forests, None)
+        if merged is None:
+            return {}
+        for other in forests:  # only the first accumulator may be modified (Beam's contract)
+            for x, p in other.items():
+                near_dedup.union(merged, x, p)
+        return merged
+
+    def compact(self, parent):
+        return near_dedup.flatten(parent)
+
+    def extract_output(self, parent):
+        return near_dedup.flatten(parent)
+
+
 class NearDedup(beam.PTransform):
     """pHash within ``radius`` bits: each connected component keeps its smallest uid; never all-pairs.
 
@@ -193,8 +224,8 @@ class NearDedup(beam.PTransform):
                  | "GroupBlocks" >> beam.GroupByKey()
                  | "VerifyPairs" >> beam.FlatMap(lambda kv: near_dedup.bucket_pairs(kv[0][0], list(kv[1]), r)))
         roots = (edges
-                 | "AllEdges" >> beam.combiners.ToList()
-                 | "Components" >> beam.FlatMap(lambda es: sorted(near_dedup.component_roots(es).items())))
+                 | "Components" >> beam.CombineGlobally(NearComponents())
+                 | "Roots" >> beam.FlatMap(lambda parent: sorted(parent.items())))
         keyed = rows | "ByUid" >> beam.Map(lambda x: (x["uid"], x))
         return ({"row": keyed, "root": roots}
                 | "JoinRoots" >> beam.CoGroupByKey()
