@@ -8,7 +8,6 @@ import io
 import tarfile
 
 import imagehash
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -16,6 +15,7 @@ from PIL import Image
 from pipelines.crawl import CrawlConfig, crawl_all, crawl_outcome, host_report, list_rounds, recrawl_failures
 from pipelines.crawl.crawl import retry_candidates
 from pipelines.synthweb.hostile import HostileWeb, HostSpec
+from tests.crawl_fixtures import write_candidates
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +36,6 @@ CONFIG = CrawlConfig(allow_cidrs=("127.0.0.8/29", "127.0.0.16/29"), timeout=MAX_
                      max_download_seconds=MAX_SECONDS, retries=1, recrawl_rounds=1, thread_count=16,
                      number_sample_per_shard=500, image_size=64, per_host_connections=CONNECTIONS, per_host_rps=RPS,
                      host_failure_limit=FAILURE_LIMIT, robots_timeout=1.0, max_retry_after_seconds=5)
-
-
-def _candidates(urls: list[str], path) -> None:
-    rows = [{"uid": hashlib.sha256(u.encode()).hexdigest()[:32], "url": u, "caption": f"a picture {i}",
-             "entry_ids": [1], "lang": "en", "lang_score": 1.0, "keep_prob": 1.0} for i, u in enumerate(urls)]
-    schema = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-                        ("entry_ids", pa.list_(pa.int32())), ("lang", pa.string()), ("lang_score", pa.float32()),
-                        ("keep_prob", pa.float64())])
-    pq.write_table(pa.Table.from_pylist(rows, schema), path)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,7 @@ def hostile_crawl(tmp_path_factory):
             "laggy": [u(LAGGY, f"/ok/l{i}.jpg") for i in range(12)],
             "private": [u("127.0.0.2", "/ok/p.jpg")],
         }
-        _candidates([x for group in urls.values() for x in group], tmp / "candidates.parquet")
+        write_candidates([x for group in urls.values() for x in group], tmp / "candidates.parquet")
         progress = []
         out = str(tmp / "crawl")
         rounds = crawl_all(tmp / "candidates.parquet", out, CONFIG.replace(staging_dir=str(tmp / "staging")),

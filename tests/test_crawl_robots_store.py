@@ -2,18 +2,16 @@
 scopes, expiry, processes racing), and crawls with two processes and two rounds measured on real servers."""
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.crawl import CrawlConfig, crawl_all, host_report
 from pipelines.crawl.robots import ALLOW_ALL, DISALLOW_ALL, RobotsPolicy, parse_robots
 from pipelines.crawl.robots_store import Decision, RobotsStore
 from pipelines.synthweb.hostile import HostileWeb, HostSpec
+from tests.crawl_fixtures import write_candidates
 
 RULES_TEXT = "User-agent: *\nDisallow: /private/\n"
 
@@ -118,15 +116,6 @@ SPECS = {RULES: HostSpec(robots=RULES_TEXT), ROBOTS_DOWN: HostSpec(robots="oops"
 RPS = 4.0
 
 
-def _candidates(urls: list[str], path) -> None:
-    rows = [{"uid": hashlib.sha256(u.encode()).hexdigest()[:32], "url": u, "caption": f"a picture {i}",
-             "entry_ids": [1], "lang": "en", "lang_score": 1.0, "keep_prob": 1.0} for i, u in enumerate(urls)]
-    schema = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-                        ("entry_ids", pa.list_(pa.int32())), ("lang", pa.string()), ("lang_score", pa.float32()),
-                        ("keep_prob", pa.float64())])
-    pq.write_table(pa.Table.from_pylist(rows, schema), path)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("prefetch", [8, 0], ids=["prefetch", "no-prefetch"])
 def test_two_processes_and_two_rounds_ask_each_host_for_robots_txt_once(tmp_path, prefetch):
@@ -135,7 +124,7 @@ def test_two_processes_and_two_rounds_ask_each_host_for_robots_txt_once(tmp_path
                 for i in range(12)]
         urls += [web.url(RULES, f"/private/{i}.jpg") for i in range(3)]
         urls += [web.url(RETRIED, f"/status/503/{i}.jpg") for i in range(2)]  # retried in round 1
-        _candidates(urls, tmp_path / "candidates.parquet")
+        write_candidates(urls, tmp_path / "candidates.parquet")
         config = CrawlConfig(allow_cidrs=("127.0.0.8/29",), processes=2, thread_count=4, number_sample_per_shard=10,
                              image_size=64, per_host_connections=2, per_host_rps=RPS, retries=0, recrawl_rounds=1,
                              robots_timeout=2.0, timeout=5, max_download_seconds=5, image_processes=0,
