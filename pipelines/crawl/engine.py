@@ -208,10 +208,9 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
 
     from pipelines.crawl.image_helper import SharedHelpers
     from pipelines.crawl.processing import PixelLimitResizer
-    from pipelines.crawl.worker import CrawlDownloader, CrawlShardWriter
-
     from pipelines.crawl.robots_prefetch import RobotsPrefetch
     from pipelines.crawl.robots_store import RobotsStore
+    from pipelines.crawl.worker import CrawlDownloader, CrawlShardWriter
 
     storage.delete_prefix(staging)
     out_dir, tmp_dir, progress_dir = (os.path.join(staging, d) for d in ("out", "_tmp", "_progress"))

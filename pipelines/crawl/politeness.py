@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pipelines.core import reasons as R
+from pipelines.crawl.robots import ALLOW_ALL, RULES
+from pipelines.crawl.robots_store import DEFAULT_TTL
 
 # Failures that say the host (not one URL) is in trouble: they count towards pausing it.
 HOST_FAILURES = frozenset({R.TIMEOUT, R.TIMEOUT_HEADERS, R.TIMEOUT_BODY, R.CONNECTION_REFUSED, R.CONNECTION_ERROR,
@@ -398,9 +400,6 @@ class ShardScheduler:
         """A decision this process holds that no longer applies (a process that lives across rounds or crawls,
         e.g. a reused Spark Python worker): older than a day (RFC 9309), or "unavailable" / "no decision" from
         another round (which asks again: that is why those URLs are retryable)."""
-        from pipelines.crawl.robots import ALLOW_ALL, RULES
-        from pipelines.crawl.robots_store import DEFAULT_TTL
-
         if now - st.robots_at > DEFAULT_TTL:
             return True
         definitive = st.robots is not None and getattr(st.robots, "kind", None) in (RULES, ALLOW_ALL)

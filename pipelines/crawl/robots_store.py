@@ -30,7 +30,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from pipelines.crawl.robots import ALLOW_ALL, DISALLOW_ALL, RULES, RobotsPolicy, parse_robots
+from pipelines.crawl.robots import ALLOW_ALL, RULES, RobotsPolicy, parse_robots
 
 DEFAULT_TTL = 24 * 3600.0
 NO_DECISION = "none"  # fetch_robots returned None: the host's own requests will fail with their reason
@@ -65,14 +65,6 @@ class RobotsStore:
         self._local = threading.local()
         self.broken: str | None = None
         self._lock = threading.Lock()
-
-    def __getstate__(self):  # travels to worker processes as its settings only
-        return {"path": self.path, "ttl": self.ttl, "claim_seconds": self.claim_seconds,
-                "poll_seconds": self.poll_seconds}
-
-    def __setstate__(self, state):
-        self.__init__(state["path"], ttl=state["ttl"], claim_seconds=state["claim_seconds"],
-                      poll_seconds=state["poll_seconds"])
 
     # ---------------------------------------------------------------------------------------------- plumbing
     def _db(self) -> sqlite3.Connection:
@@ -203,13 +195,6 @@ class RobotsStore:
             return None
         return None if row is None else float(row[0])
 
-    def counts(self) -> dict[str, int]:
-        """Decisions stored, by kind (reports and tests)."""
-        try:
-            return dict(self._db().execute("SELECT kind, COUNT(*) FROM robots GROUP BY kind").fetchall())
-        except (sqlite3.Error, OSError):
-            return {}
-
     def remove(self) -> None:
         """Delete the store's files (the crawl is over; nothing may use it any more)."""
         self.close()
@@ -226,4 +211,4 @@ class RobotsStore:
         self._local = threading.local()
 
 
-__all__ = ["CLAIM", "DEFAULT_TTL", "DISALLOW_ALL", "Decision", "NO_DECISION", "RobotsStore"]
+__all__ = ["CLAIM", "DEFAULT_TTL", "Decision", "NO_DECISION", "RobotsStore"]
