@@ -429,3 +429,7 @@ def test_a_recrawled_uid_counts_once_where_its_final_outcome_is(tmp_path):
     outcomes = final_outcomes([round0, round1, again])
     assert outcomes["a"] == round1[0]
     assert [r["uid"] for r in read_crawl_shard(again, outcomes)] == []
+    # Told each shard's round (a clipline crawl), round 0 is read for the re-crawled uids only: the same map.
+    assert final_outcomes([round0, round1, again], rounds=[0, 1, 2]) == outcomes
+    assert final_outcomes([round0, round1], rounds=[0, 1]) == {"a": round1[0], "c": round1[0]}
+    assert final_outcomes([round0], rounds=[0]) == {}

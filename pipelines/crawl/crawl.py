@@ -201,18 +201,14 @@ def crawl(candidates, crawl_dir: str | os.PathLike, config: CrawlConfig | None =
 def retry_candidates(crawl_dir: str, before_round: int, reasons: Iterable[str] | str = "retryable") -> pa.Table:
     """The failures of rounds before ``before_round`` to fetch again, sorted by uid, with their timeout counts."""
     failed = crawl_outcome(crawl_dir, max_round=before_round - 1).failures
-    timeouts = failed.column("timeouts").to_pylist() if "timeouts" in failed.column_names else [0] * len(failed)
-    timeouts = [int(t or 0) for t in timeouts]
-    if reasons == "retryable":
-        wanted = set(RETRYABLE_REASONS)
-    elif reasons == "all":
-        wanted = None
-    else:
-        wanted = set(reasons)  # type: ignore[arg-type]
-    keep = [(wanted is None or r in wanted) and t < MAX_TIMEOUTS
-            for r, t in zip(failed.column("reason").to_pylist(), timeouts)]
-    mask = pa.array(keep, pa.bool_())
-    retry = failed.filter(mask).append_column("prior_timeouts", pa.array(timeouts, pa.int32()).filter(mask))
+    timeouts = (pc.fill_null(failed.column("timeouts"), 0).cast(pa.int32()) if "timeouts" in failed.column_names
+                else pa.array([0] * failed.num_rows, pa.int32()))
+    keep = pc.less(timeouts, MAX_TIMEOUTS)
+    if reasons != "all":
+        wanted = (list(RETRYABLE_REASONS) if reasons == "retryable" else [reasons] if isinstance(reasons, str)
+                  else list(reasons))
+        keep = pc.and_(keep, pc.is_in(failed.column("reason"), value_set=pa.array(wanted, pa.string())))
+    retry = failed.filter(keep).append_column("prior_timeouts", timeouts.filter(keep))
     return retry.sort_by("uid")
 
 

@@ -2,15 +2,17 @@
 the crawl) or a rejected row with a normalised reason; and the per-host report."""
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.core import storage
+from pipelines.core.table_ops import as_array, one_per_key
 from pipelines.crawl.politeness import HostStats
 from pipelines.crawl.reasons import normalise_reason
 from pipelines.crawl.rounds import CrawlError, CrawlIncompleteError, RoundInfo, list_rounds, load_round_config
@@ -37,15 +39,17 @@ class CrawlOutcome:
     @property
     def rejected(self) -> pa.Table:
         f = self.failures
-        source = [f"{STAGE}/{p}:{k}" if p else f"{STAGE}:{u}" for p, k, u in
-                  zip(f.column("parquet").to_pylist(), f.column("key").to_pylist(), f.column("uid").to_pylist())]
+        parquet = _column(f, "parquet", pa.string())
+        in_shard = pc.binary_join_element_wise(pc.binary_join_element_wise(f"{STAGE}/", parquet, ""),
+                                               _column(f, "key", pa.string()), ":")
+        no_shard = pc.binary_join_element_wise(f"{STAGE}:", _column(f, "uid", pa.string()), "")
         table = pa.table({
             "uid": f.column("uid"),
             "url": f.column("url"),
             "caption": f.column("caption"),
             "stage": pa.array([STAGE] * f.num_rows, pa.string()),
             "reason": f.column("reason"),
-            "source": pa.array(source, pa.string()),
+            "source": pc.if_else(pc.is_valid(parquet), in_shard, no_shard),
         })
         return conform(table, rejected_schema.SCHEMA, where=f"{self.crawl_dir} crawl failures")
 
@@ -55,13 +59,22 @@ class CrawlOutcome:
 
     def iter_images(self) -> Iterator[tuple[dict, bytes]]:
         """Yield (success row, image bytes) for every success, in (tar, offset) order, reading each image by its
-        recorded offset (or, for shards without offsets, by walking the tar once)."""
+        recorded offset (or, for shards without offsets, by walking the tar once); one tar's rows at a time are
+        Python objects."""
         import tarfile
 
-        rows = sorted(self.successes.to_pylist(), key=lambda r: (r["crawl_tar"], r.get("jpg_offset") or 0,
-                                                                 r["key"]))
-        for tar_uri, group in itertools.groupby(rows, key=lambda r: r["crawl_tar"]):
-            group = list(group)
+        s = self.successes
+        s = s.append_column("__offset", pc.fill_null(_column(s, "jpg_offset", pa.int64()), 0)).sort_by(
+            [("crawl_tar", "ascending"), ("__offset", "ascending"), ("key", "ascending")]).drop_columns("__offset")
+        tars = as_array(_column(s, "crawl_tar", pa.string()))
+        n = len(tars)
+        starts = [0] + ([i + 1 for i in pc.indices_nonzero(pc.fill_null(
+            pc.not_equal(tars.slice(1), tars.slice(0, n - 1)), True)).to_pylist()] if n > 1 else [])
+        for start, end in zip(starts, starts[1:] + [n]):
+            if start >= end:
+                continue
+            group = s.slice(start, end - start).to_pylist()
+            tar_uri = group[0]["crawl_tar"]
             with storage.open_read(tar_uri) as f:
                 if all(r.get("jpg_offset") is not None for r in group):
                     for r in group:
@@ -90,22 +103,73 @@ def shard_stats(info: RoundInfo) -> list[dict]:
     return [storage.read_json(info.shard_uri(i, "_stats.json")) for i in info.done_shards]
 
 
-def _read_round_rows(crawl_dir: str, info: RoundInfo) -> pa.Table | None:
+_WHERE = ("tar", "parquet", "crawl_tar", "source")  # where a row was read: per shard, added after the choice
+
+
+def _read_round_rows(crawl_dir: str, info: RoundInfo, wanted: set[str] | None, shards: list[dict]) -> pa.Table | None:
+    """A round's rows with ``round`` and ``__shard`` (an index into ``shards``, which gets each shard's
+    :data:`_WHERE` values): four strings per shard rather than per row."""
     parts = []
     for shard_id in info.done_shards:
         pq_uri, tar_uri = info.shard_uri(shard_id, ".parquet"), info.shard_uri(shard_id, ".tar")
         try:
             with storage.open_read(pq_uri) as f:
-                t = pq.read_table(f)
+                pf = pq.ParquetFile(f)
+                t = pf.read(columns=[c for c in pf.schema_arrow.names if wanted is None or c in wanted])
         except (OSError, pa.ArrowInvalid) as exc:
             raise CrawlError(f"{pq_uri}: unreadable crawl shard metadata ({exc})") from None
-        n = t.num_rows
-        for name, value, tp in (("round", info.round_no, pa.int32()), ("tar", _relative(crawl_dir, tar_uri), None),
-                                ("parquet", _relative(crawl_dir, pq_uri), None), ("crawl_tar", tar_uri, None),
-                                ("source", pq_uri, None)):
-            t = t.append_column(name, pa.array([value] * n, tp or pa.string()))
+        t = t.drop_columns([c for c in ("round", "__shard", *_WHERE) if c in t.column_names])
+        t = t.append_column("round", pa.array(np.full(t.num_rows, info.round_no, np.int32)))
+        t = t.append_column("__shard", pa.array(np.full(t.num_rows, len(shards), np.int32)))
+        shards.append({"tar": _relative(crawl_dir, tar_uri), "parquet": _relative(crawl_dir, pq_uri),
+                       "crawl_tar": tar_uri, "source": pq_uri})
         parts.append(t)
     return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+
+def _with_where(table: pa.Table, shards: list[dict]) -> pa.Table:
+    """Replace ``__shard`` by the shard's :data:`_WHERE` columns."""
+    idx = table.column("__shard")
+    table = table.drop_columns("__shard")
+    for name in _WHERE:
+        table = table.append_column(name, pc.take(pa.array([s[name] for s in shards], pa.string()), idx))
+    return table
+
+
+def _uids(table: pa.Table) -> pa.Array:
+    return as_array(table.column("uid")) if table.num_rows else pa.array([], pa.string())
+
+
+def _one_per_uid(table: pa.Table, *, last: bool) -> pa.Table:
+    return one_per_key(table, "uid", last=last)
+
+
+def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    if name not in table.column_names:
+        return pa.nulls(table.num_rows, type_)
+    col = table.column(name)
+    return col if col.type == type_ else col.cast(type_)
+
+
+def _shaped(table: pa.Table, first: list[str], input_schema: pa.Schema) -> pa.Table:
+    """``first`` columns in order, then the other carried candidate columns, typed as the candidates (or
+    ``_TYPES``); a column the table lacks is null."""
+    fields = [input_schema.field(n) if n in input_schema.names else pa.field(n, _TYPES[n]) for n in first]
+    fields += [f for f in input_schema if f.name not in first]
+    schema = pa.schema(fields)
+    return pa.Table.from_arrays([_column(table, f.name, f.type) for f in schema], schema=schema)
+
+
+def _reasons(failures: pa.Table) -> pa.Array:
+    """Each failure's reason: the one the crawl recorded, else img2dataset's error message normalised (once per
+    distinct message)."""
+    reason = as_array(_column(failures, "reason", pa.string()))
+    if reason.null_count == 0:
+        return reason
+    messages = as_array(_column(failures, "error_message", pa.string()))
+    distinct = pc.unique(messages)
+    normalised = pa.array([normalise_reason(m) for m in distinct.to_pylist()], pa.string())
+    return pc.coalesce(reason, pc.take(normalised, pc.index_in(messages, value_set=distinct)))
 
 
 def crawl_outcome(crawl_dir: str, *, max_round: int | None = None) -> CrawlOutcome:
@@ -113,7 +177,12 @@ def crawl_outcome(crawl_dir: str, *, max_round: int | None = None) -> CrawlOutco
 
     A candidate that succeeded in any round is a success (its earliest success); otherwise it is a failure with
     the reason of its latest attempt. Every candidate of round 0 gets exactly one outcome: one missing from the
-    crawl's output is a failure ``missing_from_output``. Unfinished rounds raise CrawlIncompleteError.
+    crawl's output is a failure ``missing_from_output``. Unfinished rounds raise CrawlIncompleteError. Both tables
+    keep the order of round 0's URL list.
+
+    Computed column-wise in Arrow: the winners are chosen on a small table of (uid, round, key, status, row
+    number), and the crawl's rows are then taken once into the two outputs. No Python object per row: a crawl
+    needs about twice the memory of its Arrow columns (see benchmarks/crawl_outcome_bench.py).
     """
     crawl_dir = str(crawl_dir)
     rounds = [r for r in list_rounds(crawl_dir) if max_round is None or r.round_no <= max_round]
@@ -124,37 +193,66 @@ def crawl_outcome(crawl_dir: str, *, max_round: int | None = None) -> CrawlOutco
             raise CrawlIncompleteError(f"{r.directory}: round {r.round_no} has {len(r.done_shards)} of "
                                        f"{r.n_shards} shards finished; rerun the crawl to finish it")
     inputs = storage.read_table(rounds[0].input_path)
-    tables = [t for t in (_read_round_rows(crawl_dir, r) for r in rounds) if t is not None]
-    rows = pa.concat_tables(tables, promote_options="permissive").to_pylist() if tables else []
+    input_uids = _uids(inputs)
+    wanted = set(SUCCESS_COLUMNS) | set(FAILURE_COLUMNS) | set(inputs.column_names)
+    shards: list[dict] = []
+    tables = [t for t in (_read_round_rows(crawl_dir, r, wanted, shards) for r in rounds) if t is not None]
+    rows = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    if rows is None or rows.num_rows == 0:
+        rows = pa.table({"uid": pa.array([], pa.string()), "status": pa.array([], pa.string()),
+                         "round": pa.array([], pa.int32()), "key": pa.array([], pa.string()),
+                         "__shard": pa.array([], pa.int32())})
+    for needed in ("uid", "status", "key"):
+        if needed not in rows.column_names:
+            raise CrawlError(f"{crawl_dir}: crawl shards without a {needed!r} column; expected a clipline crawl")
 
-    success: dict[str, dict] = {}
-    latest_failure: dict[str, dict] = {}
-    for row in sorted(rows, key=lambda x: (x["round"], x["key"])):
-        uid = row["uid"]
-        if row["status"] == "success":
-            success.setdefault(uid, row)
-        else:
-            latest_failure[uid] = row
+    # Choose each candidate's row on (uid, round, key, success, row number) alone.
+    order = [("uid", "ascending"), ("round", "ascending"), ("key", "ascending")]
+    keys = pa.table({"uid": rows.column("uid"), "round": rows.column("round"), "key": rows.column("key"),
+                     "ok": pc.fill_null(pc.equal(rows.column("status"), "success"), False),
+                     "i": pa.array(np.arange(rows.num_rows, dtype=np.int64))})
+    keys = keys.filter(pc.is_in(keys.column("uid"), value_set=input_uids))  # a row of no candidate is no outcome
+    ok_keys = _one_per_uid(keys.filter(keys.column("ok")).sort_by(order), last=False)  # the earliest success
+    failed_keys = keys.filter(pc.invert(keys.column("ok")))
+    failed_keys = failed_keys.filter(pc.invert(pc.is_in(failed_keys.column("uid"), value_set=_uids(ok_keys))))
+    failed_keys = _one_per_uid(failed_keys.sort_by(order), last=True)  # the latest failure
+    del keys
 
+    def in_input_order(k: pa.Table) -> tuple[pa.Array, pa.Array]:
+        pos = pc.index_in(k.column("uid"), value_set=input_uids)
+        by_pos = pc.sort_indices(pos)
+        return pc.take(k.column("i"), by_pos), pc.take(pos, by_pos)
+
+    ok_rows, _ = in_input_order(ok_keys)
+    ok = _with_where(rows.take(ok_rows), shards)
     ext = {r.round_no: load_round_config(crawl_dir, r.round_no).encode_format for r in rounds}
-    ok_rows, fail_rows = [], []
-    for cand in inputs.to_pylist():
-        uid = cand["uid"]
-        if uid in success:
-            row = dict(success[uid])
-            row["member"] = f"{row['key']}.{ext[row['round']]}"  # img2dataset names members key.encode_format
-            ok_rows.append(row)
-        elif uid in latest_failure:
-            row = dict(latest_failure[uid])
-            row["reason"] = row.get("reason") or normalise_reason(row.get("error_message"))
-            fail_rows.append(row)
-        else:
-            fail_rows.append({**cand, "key": None, "round": 0, "tar": None, "parquet": None, "status": None,
-                              "error_message": "not in the crawl's output", "reason": "missing_from_output"})
+    by_round = pa.array([ext.get(i, "") for i in range(max(ext) + 1)], pa.string())
+    # img2dataset names members key.encode_format
+    member = pc.binary_join_element_wise(_column(ok, "key", pa.string()),
+                                         pc.take(by_round, _column(ok, "round", pa.int32())), ".")
+    ok = ok.drop_columns([c for c in ("member",) if c in ok.column_names]).append_column("member", member)
+    successes = _shaped(ok, SUCCESS_COLUMNS, inputs.schema)
+    del ok
 
-    successes = _table(ok_rows, SUCCESS_COLUMNS, inputs.schema)
-    failures = _table(fail_rows, FAILURE_COLUMNS, inputs.schema)
-    return CrawlOutcome(crawl_dir, successes, failures, Counter(failures.column("reason").to_pylist()))
+    failed_rows, failed_pos = in_input_order(failed_keys)
+    failed = _with_where(rows.take(failed_rows), shards)
+    del rows
+    failed = failed.drop_columns([c for c in ("reason",) if c in failed.column_names]).append_column(
+        "reason", _reasons(failed))
+    seen = pa.concat_arrays([_uids(ok_keys).cast(input_uids.type), _uids(failed_keys).cast(input_uids.type)])
+    missing_mask = pc.invert(pc.is_in(input_uids, value_set=seen))
+    missing = inputs.filter(missing_mask)
+    m = missing.num_rows
+    for name, value, type_ in (("round", 0, pa.int32()), ("error_message", "not in the crawl's output", pa.string()),
+                               ("reason", "missing_from_output", pa.string())):
+        missing = missing.drop_columns([c for c in (name,) if c in missing.column_names]).append_column(
+            name, pa.array([value] * m, type_))
+    failures = pa.concat_tables([_shaped(t, FAILURE_COLUMNS, inputs.schema) for t in (failed, missing)])
+    if m:  # merge the missing candidates into round 0's order
+        positions = pa.chunked_array([failed_pos.cast(pa.int64()), pc.indices_nonzero(missing_mask).cast(pa.int64())])
+        failures = failures.take(pc.sort_indices(positions))
+    reasons = pc.value_counts(failures.column("reason")).to_pylist() if failures.num_rows else []
+    return CrawlOutcome(crawl_dir, successes, failures, Counter({d["values"]: d["counts"] for d in reasons}))
 
 
 def successful_records(crawl_dir: str) -> pa.Table:
@@ -207,17 +305,3 @@ _TYPES = {"key": pa.string(), "tar": pa.string(), "member": pa.string(), "width"
           "jpg_size": pa.int64(), "img_sha256": pa.string(), "img_width": pa.int32(), "img_height": pa.int32(),
           "img_error": pa.string(), "phash": pa.uint64(), "dhash": pa.uint64(), "fetch_seconds": pa.float32(),
           "attempts": pa.int32(), "timeouts": pa.int32(), "host": pa.string()}
-
-
-def _table(rows: list[dict], first: list[str], input_schema: pa.Schema) -> pa.Table:
-    """Rows -> table with ``first`` columns in order, then the other carried candidate columns."""
-    carried = [f for f in input_schema if f.name not in first]
-    fields = []
-    for name in first:
-        if name in input_schema.names:
-            fields.append(input_schema.field(name))
-        else:
-            fields.append(pa.field(name, _TYPES[name]))
-    fields += carried
-    schema = pa.schema(fields)
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)

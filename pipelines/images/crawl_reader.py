@@ -16,10 +16,14 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.core.errors import ClipError
 from pipelines.core import storage
+from pipelines.core.table_ops import one_per_key
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Columns img2dataset writes that a record carries on (plus whatever extra columns the crawl kept).
@@ -42,35 +46,79 @@ def crawl_shards(crawl_dir: str) -> list[tuple[str, str]]:
     CRAWL/recrawl-NNN/); every finished shard of every round is listed. A plain img2dataset output directory
     (no rounds) lists its NNNNN.parquet files; a Parquet without its tar is still listed.
     """
+    return [(pq_uri, tar_uri) for _r, pq_uri, tar_uri in crawl_shards_by_round(crawl_dir)]
+
+
+def crawl_shards_by_round(crawl_dir: str) -> list[tuple[int | None, str, str]]:
+    """(round, parquet, tar) of every shard, as :func:`crawl_shards`; round is None in a plain img2dataset
+    directory (no rounds, and nothing says its uids are unique)."""
     from pipelines.crawl.rounds import crawl_shard_files
 
-    found = [(pq_uri, tar_uri) for _r, pq_uri, tar_uri in crawl_shard_files(crawl_dir)]
+    found = crawl_shard_files(crawl_dir)
     if found:
         return found
     parquets = [u for u in storage.expand([storage.join(crawl_dir, "*.parquet")], missing_ok=True)
                 if storage.basename(u)[:-len(".parquet")].isdigit()]
     if not parquets:
         raise CrawlFormatError(f"{crawl_dir}: no img2dataset shard (NNNNN.parquet) found")
-    return [(p, p[: -len(".parquet")] + ".tar") for p in parquets]
+    return [(None, p, p[: -len(".parquet")] + ".tar") for p in parquets]
 
 
-def final_outcomes(pairs: list[tuple[str, str]]) -> dict[str, str]:
+def _uid_status(parquet_uri: str) -> pa.Table:
+    with storage.open_read(parquet_uri) as f:
+        return pq.read_table(f, columns=["uid", "status"])
+
+
+def final_outcomes(pairs: list[tuple[str, str]], rounds: list[int] | None = None) -> dict[str, str]:
     """uid -> the crawl Parquet holding its final outcome (the first success over the rounds, else the latest
     failure), for the uids found in more than one shard (re-crawled after a failure); a uid found once is final
     where it is and is left out, so the map that every reading worker gets stays the size of the re-crawls, not
-    of the crawl."""
-    winner: dict[str, tuple[str, bool]] = {}
-    several: set[str] = set()
-    for parquet_uri, _tar in pairs:
-        with storage.open_read(parquet_uri) as f:
-            table = pq.read_table(f, columns=["uid", "status"])
-        for uid, status in zip(table.column("uid").to_pylist(), table.column("status").to_pylist()):
-            prev = winner.get(uid)
-            if prev is not None:
-                several.add(uid)
-            if prev is None or not prev[1]:
-                winner[uid] = (parquet_uri, status == "success")
-    return {uid: winner[uid][0] for uid in several}
+    of the crawl.
+
+    With ``rounds`` (each pair's round), only the uids of the re-crawl rounds can repeat: round 0's shards are read
+    for those uids alone, so memory follows the re-crawls. Without it, every uid is a candidate (a plain
+    img2dataset directory): its uids are held as one Arrow column, not as Python objects."""
+    candidates, read = None, {}
+    if rounds is not None:
+        first = min(rounds, default=0)
+        read = {i: _uid_status(p) for i, ((p, _t), r) in enumerate(zip(pairs, rounds)) if r != first}
+        if not read:
+            return {}
+        candidates = pc.unique(pa.chunked_array([c for t in read.values() for c in t.column("uid").chunks],
+                                                pa.string()))
+    parts, pending = [], []
+
+    def keep_candidates():  # one set lookup per ~1M rows: the lookup's hash table is built once per call
+        t = pa.concat_tables(pending)
+        pending.clear()
+        uid = t.column("uid")
+        parts.append(t.filter(pc.is_valid(uid) if candidates is None else pc.is_in(uid, value_set=candidates)))
+
+    for i, (parquet_uri, _tar) in enumerate(pairs):
+        t = read.pop(i) if i in read else _uid_status(parquet_uri)
+        pending.append(pa.table({"uid": t.column("uid").cast(pa.string()),
+                                 "status": t.column("status").cast(pa.string()),
+                                 "shard": pa.array(np.full(t.num_rows, i, np.int32))}))
+        if sum(p.num_rows for p in pending) >= 1_000_000:
+            keep_candidates()
+    if pending:
+        keep_candidates()
+    rows = pa.concat_tables(parts) if parts else None
+    if rows is None or rows.num_rows == 0:
+        return {}
+    counts = rows.group_by("uid").aggregate([("shard", "count")])
+    rows = rows.filter(pc.is_in(rows.column("uid"), value_set=counts.filter(
+        pc.greater(counts.column("shard_count"), 1)).column("uid")))
+    # The first success over the shards, else the latest failure.
+    ok = pc.fill_null(pc.equal(rows.column("status"), "success"), False)
+    order = [("uid", "ascending"), ("shard", "ascending")]
+    won = one_per_key(rows.filter(ok).sort_by(order), "uid")
+    failed = rows.filter(pc.invert(ok))
+    failed = failed.filter(pc.invert(pc.is_in(failed.column("uid"), value_set=won.column("uid"))))
+    lost = one_per_key(failed.sort_by(order), "uid", last=True)
+    uris = [p for p, _t in pairs]
+    return {uid: uris[shard] for t in (won, lost)
+            for uid, shard in zip(t.column("uid").to_pylist(), t.column("shard").to_pylist())}
 
 
 def _read_rows(parquet_uri: str) -> list[dict]:

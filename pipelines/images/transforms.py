@@ -13,7 +13,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 
 from pipelines.images import checks, fast_hash, near_dedup
-from pipelines.images.crawl_reader import crawl_shards, final_outcomes, read_crawl_shard, read_image
+from pipelines.images.crawl_reader import crawl_shards_by_round, final_outcomes, read_crawl_shard, read_image
 
 OK, REJECTED = "ok", "rejected"
 
@@ -33,8 +33,10 @@ class ReadCrawl(beam.PTransform):
         self.crawl_dir = crawl_dir
 
     def expand(self, pbegin):
-        pairs = crawl_shards(self.crawl_dir)  # listed at construction time: a missing crawl fails fast
-        outcomes = final_outcomes(pairs) if len(pairs) > 1 else None  # re-crawl rounds: one record per uid
+        listed = crawl_shards_by_round(self.crawl_dir)  # listed at construction time: a missing crawl fails fast
+        pairs = [(pq_uri, tar_uri) for _r, pq_uri, tar_uri in listed]
+        rounds = [r for r, _p, _t in listed] if all(r is not None for r, _p, _t in listed) else None
+        outcomes = final_outcomes(pairs, rounds) if len(pairs) > 1 else None  # re-crawl rounds: one record per uid
         return (pbegin
                 | "CrawlShards" >> beam.Create(pairs)
                 | "SpreadShards" >> beam.Reshuffle()
