@@ -11,11 +11,13 @@ each in a fresh subprocess, alternating baseline / current (A/B/B/A...):
 
 - ``outcome``: ``crawl_outcome`` + ``.rejected`` (what the crawl stage does after the last round);
 - ``retry``: ``retry_candidates(dir, 2)`` (what the re-crawl round does before it starts);
-- ``final_outcomes``: the images stage's map of re-crawled uids (pipelines.images.crawl_reader).
+- ``final_outcomes``: the images stage's map of re-crawled uids (pipelines.images.crawl_reader);
+- ``spread_hosts``: the order of round 0's URL list (each host's URLs spread over the list), as the crawl computes
+  it before it starts (baseline: ``politeness.spread_hosts`` on the URLs as a Python list).
 
 Reported per step: wall seconds and the subprocess's peak resident memory above its RSS when the step starts
 (sampled every 5 ms), the medians of ``--repeats``. The baseline's modules are read with ``git show BASELINE:path`` and loaded in place of
-this checkout's (results.py, crawl.py's retry_candidates, crawl_reader.py).
+this checkout's (results.py, crawl.py's retry_candidates, crawl_reader.py, politeness.py).
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-MODULES = {"results": "pipelines/crawl/results.py", "crawl": "pipelines/crawl/crawl.py",
-           "crawl_reader": "pipelines/images/crawl_reader.py"}
+MODULES = {"politeness": "pipelines/crawl/politeness.py", "results": "pipelines/crawl/results.py",
+           "crawl": "pipelines/crawl/crawl.py", "crawl_reader": "pipelines/images/crawl_reader.py"}
+STEPS = ("outcome", "retry", "final_outcomes", "spread_hosts")
 
 
 def _rss_mib() -> float:
@@ -148,18 +151,23 @@ def child(args) -> None:
     """One measured step in this (fresh) process; prints a JSON line."""
     import importlib.util
 
+    import pyarrow.parquet as pq
+
     import pipelines.crawl.crawl
     import pipelines.images.crawl_reader  # imports done before the step's RSS is read
 
     mods = {}
     current = {"results": sys.modules["pipelines.crawl.results"], "crawl": sys.modules["pipelines.crawl.crawl"],
-               "crawl_reader": pipelines.images.crawl_reader}  # (pipelines.crawl.crawl is also a function)
+               "crawl_reader": pipelines.images.crawl_reader,  # (pipelines.crawl.crawl is also a function)
+               "politeness": sys.modules["pipelines.crawl.host_order"]}
     for name in MODULES:
         if args.code_dir:
             spec = importlib.util.spec_from_file_location(f"baseline_{name}", Path(args.code_dir) / f"{name}.py")
             mod = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = mod
             spec.loader.exec_module(mod)
+            if name == "politeness":  # the baseline's crawl.py imports its spread_hosts from there
+                sys.modules["pipelines.crawl.politeness"].spread_hosts = mod.spread_hosts
         else:
             mod = current[name]
         mods[name] = mod
@@ -171,6 +179,10 @@ def child(args) -> None:
         if args.step == "outcome":
             out = mods["results"].crawl_outcome(args.crawl_dir)
             n = out.rejected.num_rows + out.successes.num_rows
+        elif args.step == "spread_hosts":  # the order of round 0's URL list, as _url_list computes it
+            from pipelines.crawl.rounds import list_rounds
+            urls = pq.read_table(list_rounds(args.crawl_dir)[0].input_path, columns=["url"]).column("url")
+            n = len(mods["politeness"].spread_hosts(urls.to_pylist() if args.code_dir else urls))
         elif args.step == "retry":
             n = mods["crawl"].retry_candidates(args.crawl_dir, 2).num_rows
         else:
@@ -193,6 +205,7 @@ def main() -> None:
     ap.add_argument("--baseline", default="226c54b")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--crawl-dir", help=argparse.SUPPRESS)
@@ -208,7 +221,7 @@ def main() -> None:
         print(f"crawl directory: {made} (written in {time.perf_counter() - t0:.1f} s)", flush=True)
         _load_baseline(args.baseline, work / "baseline")
         runs: dict[tuple[str, str], list[dict]] = {}
-        for step in ("outcome", "retry", "final_outcomes"):
+        for step in args.steps.split(","):
             for i in range(args.repeats):
                 for variant in (("baseline", "current") if i % 2 == 0 else ("current", "baseline")):
                     cmd = [sys.executable, __file__, "--child", "--step", step, "--crawl-dir", str(crawl_dir)]

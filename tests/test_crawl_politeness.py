@@ -204,14 +204,14 @@ def test_every_url_ends_once(rps):
 def test_spread_hosts_gives_every_shard_its_fair_share_of_each_host():
     from collections import Counter
 
-    from pipelines.crawl.politeness import spread_hosts
+    from pipelines.crawl.host_order import spread_hosts
 
     # uid order puts a host's URLs into shards by chance; here the worst case: each host's URLs in one block
     items = urls("big", 60, "b") + urls("mid", 30, "m") + urls("one", 1, "o")
     items += [f"http://h{i}/x.jpg" for i in range(29)]
-    order = spread_hosts(items)
+    order = spread_hosts(items).tolist()
     assert sorted(order) == list(range(len(items)))
-    assert order == spread_hosts(items)  # deterministic
+    assert order == spread_hosts(items).tolist()  # deterministic
     spread = [items[i] for i in order]
     for shard in range(4):  # 120 URLs in shards of 30: big 15 +- 1, mid 7.5 +- 1 per shard
         counts = Counter(host_key(u) for u in spread[30 * shard:30 * (shard + 1)])
@@ -220,6 +220,48 @@ def test_spread_hosts_gives_every_shard_its_fair_share_of_each_host():
     for h, prefix in (("big", "b"), ("mid", "m")):  # a host's URLs keep their order
         mine = [u for u in spread if u.startswith(f"http://{h}/")]
         assert mine == urls(h, 60 if h == "big" else 30, prefix)
+
+
+def _spread_hosts_per_url(urls: list[str]) -> list[int]:
+    """The reference: host_key and the spread key computed URL by URL, in Python."""
+    import collections
+    import hashlib
+
+    hosts = [host_key(u) for u in urls]
+    counts = collections.Counter(hosts)
+    offsets = {h: int.from_bytes(hashlib.sha256(h.encode()).digest()[:8], "big") / 2.0 ** 64 for h in counts}
+    seen: collections.Counter = collections.Counter()
+    keys = []
+    for h in hosts:
+        keys.append((seen[h] + offsets[h]) / counts[h])
+        seen[h] += 1
+    return sorted(range(len(urls)), key=keys.__getitem__)
+
+
+def test_spread_hosts_column_wise_equals_the_per_url_order():
+    """host keys come from each distinct scheme + authority prefix, the order from numpy: the same host of every
+    URL and the same order as computing both URL by URL, odd URLs included."""
+    import random
+
+    import pyarrow as pa
+
+    from pipelines.crawl.host_order import host_ids, spread_hosts
+
+    odd = ["HTTP://Example.ORG/a.jpg", "http://example.org:80/b.jpg", "https://example.org/c", "https://example.org:443",
+           "http://user:pw@example.org/d", "http://[::1]:8080/e", "http://[::1/broken", "http://a.test:abc/f",
+           "http://a.test:99999/g", "not a url", "", "mailto:x@y.z", "//no-scheme.test/h", "ftp://files.test/i",
+           "  http://spaces.test/j", "http://tab\t.test/k", "http://a.test?q=1", "http://a.test#frag",
+           "http://bücher.test/l", "http://a.test:abc/other", "HTTPS://EXAMPLE.org:8443/m", "http:///nohost"]
+    rng = random.Random(3)
+    hosts = [f"http://h{i}.test" for i in range(40)] + ["https://big.test", "http://10.0.0.1:8000"]
+    urls = [f"{rng.choice(hosts)}/img/{k}.jpg" for k in range(2000)] + odd * 3
+    rng.shuffle(urls)
+    ids, keys = host_ids(urls)
+    assert [keys[i] for i in ids] == [host_key(u) for u in urls]
+    expected = _spread_hosts_per_url(urls)
+    assert spread_hosts(urls).tolist() == expected
+    assert spread_hosts(pa.chunked_array([urls[:700], urls[700:]])).tolist() == expected
+    assert spread_hosts([]).tolist() == []
 
 
 class FakeClock:

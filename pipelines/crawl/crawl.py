@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pipelines.core import storage
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.engine import ROBOTS_STORE, ProgressHook, run_round, staging_root
-from pipelines.crawl.politeness import spread_hosts
+from pipelines.crawl.host_order import spread_hosts
 from pipelines.crawl.reasons import RETRYABLE_REASONS
 from pipelines.crawl.results import crawl_outcome, shard_stats
 from pipelines.crawl.robots_store import RobotsStore
@@ -101,12 +101,12 @@ def read_candidates(candidates) -> pa.Table:
 
 def _url_list(table: pa.Table, prior_timeouts: list[int] | None = None) -> pa.Table:
     """A round's URL list: ``table``'s rows (in uid order) with each host's URLs spread evenly over the list, so
-    that every shard holds its fair share of each host (``politeness.spread_hosts``)."""
+    that every shard holds its fair share of each host (``host_order.spread_hosts``)."""
     cols = ["url", "caption"] + [c for c in CARRIED_COLUMNS if c in table.column_names]
     out = table.select(cols).replace_schema_metadata(None)
     if prior_timeouts is not None:
         out = out.append_column("prior_timeouts", pa.array(prior_timeouts, pa.int32()))
-    return out.take(pa.array(spread_hosts(out.column("url").to_pylist()), pa.int64()))
+    return out.take(pa.array(spread_hosts(out.column("url")), pa.int64()))
 
 
 def _same_rows(a: pa.Table, b: pa.Table) -> bool:

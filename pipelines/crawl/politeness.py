@@ -30,12 +30,11 @@ that uses a decision another made keeps the host's rate after that request.
 The scheduler (:class:`ShardScheduler`) hands a thread the next URL of the host, among those that may be requested
 now, with the most URLs left in the shard (its critical path); when none may, the thread sleeps until the earliest
 moment one may (a token, the end of a pause) or until a request finishes. URLs of one host keep their order.
-:func:`spread_hosts` orders a round's URL list so that each shard holds its fair share of every host.
+:func:`pipelines.crawl.host_order.spread_hosts` orders a round's URL list so that each shard holds its fair share of every host.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 import heapq
 import math
 import threading
@@ -55,39 +54,22 @@ ROBOTS_UNKNOWN, ROBOTS_FETCHING, ROBOTS_KNOWN = 0, 1, 2
 
 def host_key(url: str) -> str:
     """``scheme://host:port`` of a URL (default ports made explicit); unparsable URLs get a key of their own."""
+    key = _netloc_key(url)
+    return f"invalid:{url[:200]}" if key is None else key
+
+
+def _netloc_key(url: str) -> str | None:
+    """:func:`host_key` from the URL's scheme and netloc alone; None where urlsplit refuses the netloc."""
     try:
         parts = urlsplit(url)
         scheme = (parts.scheme or "").lower()
         host = (parts.hostname or "").lower()
         port = parts.port or {"http": 80, "https": 443}.get(scheme, 0)
     except ValueError:
-        return f"invalid:{url[:200]}"
+        return None
     if not host:
         return f"invalid:{scheme}"
     return f"{scheme}://{host}:{port}"
-
-
-def spread_hosts(urls: list[str]) -> list[int]:
-    """An order of ``urls`` (indices) that spreads each host's URLs evenly over the whole list.
-
-    img2dataset cuts a round's URL list into shards and a process crawls its shards one after the other, each to
-    its end: a shard lasts at least ``(k - 1) / rps`` seconds when one host has ``k`` of its URLs. In uid order a
-    host's URLs fall into shards by chance (the benchmark's 3000 URLs on 200 hosts, 4 to 27 each, in 3 shards of
-    1000: up to 12 of one host in a shard, 2.2 s at 5 requests/s, where img2dataset needs 1.5 s; spread: 9), so
-    the per-host limit binds although the hosts together allow far more. Here the i-th of a host's n URLs goes to
-    position (i + o) / n, with a per-host offset o in [0, 1) (a hash of the host, so that hosts with one URL do
-    not all come first): every shard holds close to its fair share of each host's URLs (n * shard size / total),
-    and the limit binds only where a host really holds a large part of the list. URLs of one host keep their
-    order; ties go by position in ``urls``. Deterministic (no salted hashing)."""
-    hosts = [host_key(u) for u in urls]
-    counts = collections.Counter(hosts)
-    offsets = {h: int.from_bytes(hashlib.sha256(h.encode()).digest()[:8], "big") / 2.0 ** 64 for h in counts}
-    seen: collections.Counter = collections.Counter()
-    keys = []
-    for h in hosts:
-        keys.append((seen[h] + offsets[h]) / counts[h])
-        seen[h] += 1
-    return sorted(range(len(urls)), key=keys.__getitem__)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Without it each crawl process fetched a host's robots.txt for itself, and each round again in new processes: with
 ``processes`` P and R rounds a host could be asked P x R times, and since every shard holds its share of every
-host (``politeness.spread_hosts``), every process does meet every host. Here the first process (or the driver's
+host (``host_order.spread_hosts``), every process does meet every host. Here the first process (or the driver's
 prefetch, :mod:`pipelines.crawl.robots_prefetch`) to need a host *claims* it in the store, fetches robots.txt and
 writes the decision; the others wait for it (a claim lasts at most the fetch's deadline plus a margin, so a killed
 claimant does not block anyone for longer) and read it. One request per host and machine, as RFC 9309 asks of a
