@@ -105,7 +105,7 @@ def _plain(config, cand: Path, out: Path) -> dict:
 
     from img2dataset import download
 
-    from pipelines.crawl.crawl import CARRIED_COLUMNS
+    from pipelines.crawl.driver import CARRIED_COLUMNS
     from pipelines.crawl.engine import img2dataset_kwargs
 
     cpu0, t0 = _children_cpu(), time.perf_counter()

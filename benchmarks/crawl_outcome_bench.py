@@ -9,7 +9,9 @@ Writes a crawl directory by hand (no download): round 0 with ``--rows`` candidat
 figures), 75 % successes, and a re-crawl round 1 of ``--recrawled`` of the rows (a third of them succeed). Then,
 each in a fresh subprocess, alternating baseline / current (A/B/B/A...):
 
-- ``outcome``: ``crawl_outcome`` + ``.rejected`` (what the crawl stage does after the last round);
+- ``outcome``: ``crawl_outcome`` + ``.rejected`` (the two whole tables);
+- ``rejected_table``: what the crawl stage does after its last round: its rejected table written (baseline: from
+  the whole outcome; now: part by part of ``iter_outcomes``, as ``CrawlStage`` does);
 - ``retry``: ``retry_candidates(dir, 2)`` (what the re-crawl round does before it starts);
 - ``final_outcomes``: the images stage's map of re-crawled uids (pipelines.images.crawl_reader);
 - ``spread_hosts``: the order of round 0's URL list (each host's URLs spread over the list), as the crawl computes
@@ -36,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MODULES = {"politeness": "pipelines/crawl/politeness.py", "results": "pipelines/crawl/results.py",
-           "crawl": "pipelines/crawl/crawl.py", "crawl_reader": "pipelines/images/crawl_reader.py"}
-STEPS = ("outcome", "retry", "final_outcomes", "spread_hosts")
+           "crawl": "pipelines/crawl/driver.py", "crawl_reader": "pipelines/images/crawl_reader.py"}
+RENAMED = {"pipelines/crawl/driver.py": "pipelines/crawl/crawl.py"}
+STEPS = ("outcome", "rejected_table", "retry", "final_outcomes", "spread_hosts")
 
 
 def _rss_mib() -> float:
@@ -142,8 +145,13 @@ def _load_baseline(rev: str, dest: Path) -> None:
     """The baseline's three modules as files in ``dest`` (imported in place of this checkout's)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name, path in MODULES.items():
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True,
-                              text=True).stdout
+        for p in (path, RENAMED.get(path)):  # a baseline from before a module's rename has it under its old name
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{p}"], capture_output=True, text=True,
+                                   check=False)
+            if shown.returncode == 0 or p is None:
+                break
+        shown.check_returncode()
+        text = shown.stdout
         (dest / f"{name}.py").write_text(text)
 
 
@@ -153,12 +161,12 @@ def child(args) -> None:
 
     import pyarrow.parquet as pq
 
-    import pipelines.crawl.crawl
+    import pipelines.crawl.driver
     import pipelines.images.crawl_reader  # imports done before the step's RSS is read
 
     mods = {}
-    current = {"results": sys.modules["pipelines.crawl.results"], "crawl": sys.modules["pipelines.crawl.crawl"],
-               "crawl_reader": pipelines.images.crawl_reader,  # (pipelines.crawl.crawl is also a function)
+    current = {"results": sys.modules["pipelines.crawl.results"], "crawl": sys.modules["pipelines.crawl.driver"],
+               "crawl_reader": pipelines.images.crawl_reader,
                "politeness": sys.modules["pipelines.crawl.host_order"]}
     for name in MODULES:
         if args.code_dir:
@@ -179,6 +187,23 @@ def child(args) -> None:
         if args.step == "outcome":
             out = mods["results"].crawl_outcome(args.crawl_dir)
             n = out.rejected.num_rows + out.successes.num_rows
+        elif args.step == "rejected_table":  # what the crawl stage writes after its last round
+            import pyarrow.parquet as pq_
+
+            from pipelines.core import storage
+            target = os.path.join(args.crawl_dir, "..", f"rejected-{os.getpid()}.parquet")
+            if args.code_dir or not hasattr(mods["results"], "iter_outcomes"):
+                out = mods["results"].crawl_outcome(args.crawl_dir)
+                storage.write_table(target, out.rejected)
+                n = out.n_candidates
+            else:
+                n = 0
+                from schemas import rejected as rejected_schema
+                with pq_.ParquetWriter(target, rejected_schema.SCHEMA, compression="zstd") as writer:
+                    for part in mods["results"].iter_outcomes(args.crawl_dir):
+                        writer.write_table(part.rejected)
+                        n += part.n_candidates
+            os.unlink(target)
         elif args.step == "spread_hosts":  # the order of round 0's URL list, as _url_list computes it
             from pipelines.crawl.rounds import list_rounds
             urls = pq.read_table(list_rounds(args.crawl_dir)[0].input_path, columns=["url"]).column("url")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines.crawl import CrawlConfig, crawl_all, crawl_outcome, host_report, list_rounds, recrawl_failures
-from pipelines.crawl.crawl import retry_candidates
+from pipelines.crawl.driver import retry_candidates
 from pipelines.synthweb.hostile import HostileWeb, HostSpec
 from tests.crawl_fixtures import write_candidates
 

@@ -296,14 +296,19 @@ def test_image_processes_setting():
 
 
 def test_package_names_stay_the_functions_whatever_was_imported_first():
-    # pipelines.crawl.crawl is both a submodule and a function the package exports: importing the submodule first
-    # must not leave the package's name bound to the module (a lazily exporting __init__ got this wrong).
-    code = ("import pipelines.crawl.crawl, pipelines.decontam.hashing\n"
+    # The package exports names lazily: importing submodules first (the driver, whose function ``crawl`` the
+    # package exports, lives in pipelines.crawl.driver) must not leave a package name bound to a module.
+    code = ("import pipelines.crawl.driver, pipelines.decontam.hashing\n"
             "from pipelines.crawl import crawl\n"
             "from pipelines.decontam import phash64_batch, DetectorConfig\n"
             "import sys\n"
             "assert callable(crawl) and not isinstance(crawl, type(sys)), crawl\n"
-            "assert callable(phash64_batch) and isinstance(DetectorConfig, type)\n")
+            "assert callable(phash64_batch) and isinstance(DetectorConfig, type)\n"
+            # a crawl worker process imports what it runs, not the driver, the stage or the outcome reader
+            "import subprocess\n"
+            "code = 'import sys, pipelines.crawl.worker; print(sorted(m for m in sys.modules if m.startswith(\"pipelines\")))'\n"
+            "out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout\n"
+            "assert not {'pipelines.crawl.driver', 'pipelines.crawl.stage', 'pipelines.crawl.results'} & set(eval(out)), out\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.crawl import CrawlConfig, crawl_outcome
-from pipelines.crawl.crawl import retry_candidates
+from pipelines.crawl.driver import retry_candidates
+from pipelines.crawl.results import ShardLayoutError, iter_outcomes, merge_outcomes
 from pipelines.crawl.rounds import meta_uri, round_dir
 
 SHARD = 3
@@ -94,6 +96,14 @@ def test_outcome_rules_over_rounds(tmp_path):
     assert rejected["u2"]["source"] == "crawl/00001.parquet:000010000"
     assert rejected["u6"]["source"] == "crawl/recrawl-001/00000.parquet:100000002"
 
+    # In parts of one round-0 shard each (what a large crawl's readers iterate): the same rows, in the same order;
+    # the row of no candidate ("zz") sits in a shard outside its slice and is ignored there as well.
+    parts = list(iter_outcomes(str(crawl_dir), rows_per_part=SHARD))
+    assert [p.n_candidates for p in parts] == [3, 3]
+    whole = merge_outcomes(str(crawl_dir), parts)
+    assert whole.successes.equals(out.successes) and whole.failures.equals(out.failures)
+    assert whole.reasons == out.reasons
+
     # The next round fetches again what can still succeed, never a URL that timed out twice.
     retry = retry_candidates(str(crawl_dir), 2)
     assert retry.column("uid").to_pylist() == ["u6"]
@@ -110,3 +120,16 @@ def test_a_success_is_final_even_if_a_later_round_fails_it(tmp_path):
     assert [(r["uid"], r["round"]) for r in out.successes.to_pylist()] == [("a", 0), ("b", 1)]
     assert out.failures.num_rows == 0 and out.reasons == {}
     assert out.rejected.num_rows == 0
+
+
+def test_a_shard_outside_its_slice_is_caught_and_decided_whole(tmp_path):
+    """Round-0 shard i holds slice i of the URL list; a directory that breaks this (never one this package wrote)
+    is detected, and crawl_outcome then decides over the whole crawl: the same outcome as a correct layout."""
+    crawl_dir = tmp_path / "crawl"
+    _round(crawl_dir, 0, ["a", "b", "c", "d"], [[("a", "success", None), ("d", "success", None), ("c", "success", None)],
+                                                [("b", "failed_to_download", "HTTP Error 404: Not Found")]])
+    with pytest.raises(ShardLayoutError):
+        list(iter_outcomes(str(crawl_dir), rows_per_part=SHARD))
+    out = crawl_outcome(str(crawl_dir))
+    assert out.successes.column("uid").to_pylist() == ["a", "c", "d"]
+    assert out.reasons == {"http_404": 1}

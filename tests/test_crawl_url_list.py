@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.core import storage
 from pipelines.crawl import CrawlConfig, CrawlError
-from pipelines.crawl.crawl import _prepare_round, _url_list
+from pipelines.crawl.driver import _prepare_round, _url_list
 from pipelines.crawl.rounds import meta_uri
 
 

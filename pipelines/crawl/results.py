@@ -3,8 +3,9 @@ the crawl) or a rejected row with a normalised reason; and the per-host report."
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,10 @@ from schemas import conform
 from schemas import rejected as rejected_schema
 
 STAGE = "crawl"
+T = TypeVar("T")
+# Candidates per part of a crawl's outcome: ~1.5 KiB of Arrow per candidate while a part is decided (a few
+# hundred MiB), and one pass of the re-crawl rounds' rows per part.
+PART_ROWS = 500_000
 
 
 @dataclass
@@ -106,11 +111,12 @@ def shard_stats(info: RoundInfo) -> list[dict]:
 _WHERE = ("tar", "parquet", "crawl_tar", "source")  # where a row was read: per shard, added after the choice
 
 
-def _read_round_rows(crawl_dir: str, info: RoundInfo, wanted: set[str] | None, shards: list[dict]) -> pa.Table | None:
-    """A round's rows with ``round`` and ``__shard`` (an index into ``shards``, which gets each shard's
-    :data:`_WHERE` values): four strings per shard rather than per row."""
+def _read_round_rows(crawl_dir: str, info: RoundInfo, wanted: set[str] | None, shards: list[dict],
+                     shard_ids: Iterable[int] | None = None) -> pa.Table | None:
+    """A round's rows (of ``shard_ids``, default all) with ``round`` and ``__shard`` (an index into ``shards``,
+    which gets each shard's :data:`_WHERE` values): four strings per shard rather than per row."""
     parts = []
-    for shard_id in info.done_shards:
+    for shard_id in (info.done_shards if shard_ids is None else shard_ids):
         pq_uri, tar_uri = info.shard_uri(shard_id, ".parquet"), info.shard_uri(shard_id, ".tar")
         try:
             with storage.open_read(pq_uri) as f:
@@ -172,19 +178,12 @@ def _reasons(failures: pa.Table) -> pa.Array:
     return pc.coalesce(reason, pc.take(normalised, pc.index_in(messages, value_set=distinct)))
 
 
-def crawl_outcome(crawl_dir: str, *, max_round: int | None = None) -> CrawlOutcome:
-    """The outcome of every candidate of a crawl (rounds up to ``max_round``, default all).
+class ShardLayoutError(CrawlError):
+    """A round-0 shard holds a candidate of another shard's slice of the URL list (never in a crawl this package
+    wrote): the outcome must then be decided over the whole crawl at once (``rows_per_part=None``)."""
 
-    A candidate that succeeded in any round is a success (its earliest success); otherwise it is a failure with
-    the reason of its latest attempt. Every candidate of round 0 gets exactly one outcome: one missing from the
-    crawl's output is a failure ``missing_from_output``. Unfinished rounds raise CrawlIncompleteError. Both tables
-    keep the order of round 0's URL list.
 
-    Computed column-wise in Arrow: the winners are chosen on a small table of (uid, round, key, status, row
-    number), and the crawl's rows are then taken once into the two outputs. No Python object per row: a crawl
-    needs about twice the memory of its Arrow columns (see benchmarks/crawl_outcome_bench.py).
-    """
-    crawl_dir = str(crawl_dir)
+def _finished_rounds(crawl_dir: str, max_round: int | None) -> list[RoundInfo]:
     rounds = [r for r in list_rounds(crawl_dir) if max_round is None or r.round_no <= max_round]
     if not rounds or rounds[0].round_no != 0:
         raise CrawlError(f"{crawl_dir}: not a clipline crawl directory (no round 0 URL list)")
@@ -192,12 +191,109 @@ def crawl_outcome(crawl_dir: str, *, max_round: int | None = None) -> CrawlOutco
         if not r.complete:
             raise CrawlIncompleteError(f"{r.directory}: round {r.round_no} has {len(r.done_shards)} of "
                                        f"{r.n_shards} shards finished; rerun the crawl to finish it")
-    inputs = storage.read_table(rounds[0].input_path)
-    input_uids = _uids(inputs)
-    wanted = set(SUCCESS_COLUMNS) | set(FAILURE_COLUMNS) | set(inputs.column_names)
+    return rounds
+
+
+def _row_slices(uri: str, sizes: Iterable[int]) -> Iterator[pa.Table]:
+    """Consecutive slices of a Parquet file's rows, of the given sizes, read as a stream."""
+    with storage.open_read(uri) as f:
+        pf = pq.ParquetFile(f)
+        batches = pf.iter_batches(batch_size=65536)
+        pending: list[pa.RecordBatch] = []
+        have = 0
+        for size in sizes:
+            while have < size:
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                pending.append(batch)
+                have += batch.num_rows
+            table = pa.Table.from_batches(pending, schema=pf.schema_arrow)
+            yield table.slice(0, size)
+            rest = table.slice(size)
+            pending, have = rest.to_batches(), rest.num_rows
+
+
+def iter_outcomes(crawl_dir: str, *, max_round: int | None = None,
+                  rows_per_part: int | None = PART_ROWS) -> Iterator[CrawlOutcome]:
+    """The outcome of every candidate of a crawl (rounds up to ``max_round``, default all), in parts: one per run of
+    round-0 shards holding about ``rows_per_part`` candidates (None: one part), in the order of round 0's URL list.
+
+    A candidate that succeeded in any round is a success (its earliest success); otherwise it is a failure with
+    the reason of its latest attempt. Every candidate of round 0 gets exactly one outcome: one missing from the
+    crawl's output is a failure ``missing_from_output``. Unfinished rounds raise CrawlIncompleteError.
+
+    Round-0 shard i holds the candidates of slice i of round 0's URL list (img2dataset cuts the list in order), so a
+    part needs its slice, its shards and the re-crawl rounds' rows of its candidates; memory follows the part and
+    the re-crawl rounds, not the crawl. Computed column-wise in Arrow: the winners are chosen on a small table of
+    (uid, round, key, status, row number), then the rows are taken once into the part's two tables. A shard that
+    breaks the layout raises :class:`ShardLayoutError` after the last part (``crawl_outcome`` then decides over the
+    whole crawl at once).
+    """
+    crawl_dir = str(crawl_dir)
+    rounds = _finished_rounds(crawl_dir, max_round)
+    first = rounds[0]
+    with storage.open_read(first.input_path) as f:
+        input_schema = pq.ParquetFile(f).schema_arrow
+    wanted = set(SUCCESS_COLUMNS) | set(FAILURE_COLUMNS) | set(input_schema.names)
+    ext = {r.round_no: load_round_config(crawl_dir, r.round_no).encode_format for r in rounds}
     shards: list[dict] = []
-    tables = [t for t in (_read_round_rows(crawl_dir, r, wanted, shards) for r in rounds) if t is not None]
-    rows = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    later = [t for t in (_read_round_rows(crawl_dir, r, wanted, shards) for r in rounds[1:]) if t is not None]
+    later_rows = pa.concat_tables(later, promote_options="permissive") if later else None
+    size = load_round_config(crawl_dir, 0).number_sample_per_shard
+    if rows_per_part is None or first.n_shards == 0:
+        parts = [list(range(first.n_shards))]
+    else:
+        step = max(1, rows_per_part // size)
+        parts = [list(range(a, min(a + step, first.n_shards))) for a in range(0, first.n_shards, step)]
+    sizes = [min(len(ids) * size, first.n_rows - ids[0] * size) if ids else 0 for ids in parts]
+    strays: list[pa.Array] = []
+    for ids, inputs in zip(parts, _row_slices(first.input_path, sizes)):
+        rows = _read_round_rows(crawl_dir, first, wanted, shards, ids)
+        input_uids = _uids(inputs)
+        if rows is not None and rows_per_part is not None:
+            elsewhere = pc.invert(pc.is_in(rows.column("uid"), value_set=input_uids))
+            if pc.any(elsewhere).as_py():
+                strays.append(as_array(rows.column("uid").filter(elsewhere)))
+        if later_rows is not None:
+            mine = later_rows.filter(pc.is_in(later_rows.column("uid"), value_set=input_uids))
+            rows = mine if rows is None else pa.concat_tables([rows, mine], promote_options="permissive")
+        yield _decide(crawl_dir, inputs, rows, ext, shards)
+    if strays:  # rows of no candidate are ignored; a candidate of another slice breaks the layout
+        stray = pa.concat_arrays([a.cast(pa.string()) for a in strays])
+        for inputs in _row_slices(first.input_path, [first.n_rows]):
+            if pc.any(pc.is_in(inputs.column("uid").cast(pa.string()), value_set=stray)).as_py():
+                raise ShardLayoutError(f"{crawl_dir}: a round-0 shard holds a candidate of another shard's part "
+                                       f"of the URL list; decide the outcome over the whole crawl")
+
+
+def map_outcomes(crawl_dir: str, fn: Callable[[CrawlOutcome], T], *, max_round: int | None = None) -> list[T]:
+    """``fn`` of each part of :func:`iter_outcomes`, in order (over the whole crawl at once if a shard breaks the
+    layout); only what ``fn`` keeps stays in memory."""
+    try:
+        return [fn(part) for part in iter_outcomes(crawl_dir, max_round=max_round)]
+    except ShardLayoutError:
+        return [fn(part) for part in iter_outcomes(crawl_dir, max_round=max_round, rows_per_part=None)]
+
+
+def crawl_outcome(crawl_dir: str, *, max_round: int | None = None) -> CrawlOutcome:
+    """The outcome of every candidate of a crawl as two whole tables (see :func:`iter_outcomes`; a reader of a large
+    crawl should iterate its parts or use :func:`map_outcomes` instead)."""
+    return merge_outcomes(str(crawl_dir), map_outcomes(str(crawl_dir), lambda part: part, max_round=max_round))
+
+
+def merge_outcomes(crawl_dir: str, parts: list[CrawlOutcome]) -> CrawlOutcome:
+    reasons: Counter = Counter()
+    for p in parts:
+        reasons.update(p.reasons)
+    return CrawlOutcome(str(crawl_dir), pa.concat_tables([p.successes for p in parts]),
+                        pa.concat_tables([p.failures for p in parts]), reasons)
+
+
+def _decide(crawl_dir: str, inputs: pa.Table, rows: pa.Table | None, ext: dict[int, str],
+            shards: list[dict]) -> CrawlOutcome:
+    """One part's outcome: ``inputs`` (its slice of round 0's URL list) and every crawled row of its candidates."""
+    input_uids = _uids(inputs)
     if rows is None or rows.num_rows == 0:
         rows = pa.table({"uid": pa.array([], pa.string()), "status": pa.array([], pa.string()),
                          "round": pa.array([], pa.int32()), "key": pa.array([], pa.string()),
@@ -225,7 +321,6 @@ def crawl_outcome(crawl_dir: str, *, max_round: int | None = None) -> CrawlOutco
 
     ok_rows, _ = in_input_order(ok_keys)
     ok = _with_where(rows.take(ok_rows), shards)
-    ext = {r.round_no: load_round_config(crawl_dir, r.round_no).encode_format for r in rounds}
     by_round = pa.array([ext.get(i, "") for i in range(max(ext) + 1)], pa.string())
     # img2dataset names members key.encode_format
     member = pc.binary_join_element_wise(_column(ok, "key", pa.string()),
@@ -249,7 +344,8 @@ def crawl_outcome(crawl_dir: str, *, max_round: int | None = None) -> CrawlOutco
             name, pa.array([value] * m, type_))
     failures = pa.concat_tables([_shaped(t, FAILURE_COLUMNS, inputs.schema) for t in (failed, missing)])
     if m:  # merge the missing candidates into round 0's order
-        positions = pa.chunked_array([failed_pos.cast(pa.int64()), pc.indices_nonzero(missing_mask).cast(pa.int64())])
+        positions = pa.chunked_array([as_array(failed_pos).cast(pa.int64()),
+                                      as_array(pc.indices_nonzero(missing_mask)).cast(pa.int64())])
         failures = failures.take(pc.sort_indices(positions))
     reasons = pc.value_counts(failures.column("reason")).to_pylist() if failures.num_rows else []
     return CrawlOutcome(crawl_dir, successes, failures, Counter({d["values"]: d["counts"] for d in reasons}))

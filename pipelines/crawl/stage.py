@@ -11,15 +11,18 @@ then writes one rejected row per candidate without an image (uid, url, caption, 
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from pipelines.core import storage
 from pipelines.core.stage import Stage, StageResult
 from pipelines.crawl.config import CrawlConfig
-from pipelines.crawl.crawl import candidate_files, crawl_all
+from pipelines.crawl.driver import candidate_files, crawl_all
 from pipelines.crawl.engine import ProgressHook
-from pipelines.crawl.results import crawl_outcome, host_report
+from pipelines.crawl.results import PART_ROWS, ShardLayoutError, host_report, iter_outcomes
 
 
 class CrawlStage(Stage):
@@ -56,16 +59,40 @@ class CrawlStage(Stage):
         config: CrawlConfig = self.config
         rounds = crawl_all(self.inputs["candidates"], self.output, config, progress=self.progress,
                            log_file=self.log_file)
-        outcome = crawl_outcome(self.output)
-        storage.write_table(self.rejected, outcome.rejected)
+        try:
+            counts = self._write_rejected(rows_per_part=PART_ROWS)
+        except ShardLayoutError:
+            counts = self._write_rejected(rows_per_part=None)
+        n_candidates, kept, reasons = counts
         shards = []
         for info in rounds:
             for i in info.done_shards:
                 shards += [info.shard_uri(i, ".tar"), info.shard_uri(i, ".parquet"), info.shard_uri(i, "_stats.json")]
         report = host_report(self.output)
         return StageResult(
-            stage="crawl", input_rows=outcome.n_candidates, kept=outcome.successes.num_rows,
-            rejected=dict(outcome.reasons), outputs={"shards": shards, "rejected": self.rejected},
+            stage="crawl", input_rows=n_candidates, kept=kept,
+            rejected=dict(reasons), outputs={"shards": shards, "rejected": self.rejected},
             params=config.to_dict(), fingerprint=fingerprint,
             details={"rounds": report["rounds"], "hosts": report["hosts"], "n_hosts": report["n_hosts"],
                      "host_totals": report["totals"], "log_file": self.log_file})
+
+    def _write_rejected(self, rows_per_part: int | None) -> tuple[int, int, Counter]:
+        """The crawl's failures as the stage's rejected table, written part by part of the outcome (a crawl of any
+        size is never held whole), published atomically; returns (candidates, successes, reasons)."""
+        counts = [0, 0, Counter()]
+
+        def fill(f) -> None:
+            writer = None
+            for part in iter_outcomes(self.output, rows_per_part=rows_per_part):
+                rejected = part.rejected
+                if writer is None:
+                    writer = pq.ParquetWriter(f, rejected.schema, compression="zstd")
+                writer.write_table(rejected)
+                counts[0] += part.n_candidates
+                counts[1] += part.successes.num_rows
+                counts[2].update(part.reasons)
+            writer.close()
+
+        storage.write_stream_atomic(self.rejected, fill)
+        return counts[0], counts[1], counts[2]
+

@@ -90,7 +90,7 @@ class StoreCrawlStage(Stage):
         return self._tds
 
     def input_files(self) -> list[str]:
-        from pipelines.crawl.crawl import candidate_files
+        from pipelines.crawl.driver import candidate_files
 
         return candidate_files(self.inputs["candidates"])
 
@@ -103,7 +103,7 @@ class StoreCrawlStage(Stage):
 
     # ------------------------------------------------------------------------------------------------ compute
     def compute(self, fingerprint: str) -> StageResult:
-        from pipelines.crawl.crawl import read_candidates
+        from pipelines.crawl.driver import read_candidates
 
         cands = read_candidates(self.input_files())  # validated, sorted by uid
         rows = cands.to_pylist()
@@ -151,7 +151,7 @@ class StoreCrawlStage(Stage):
     # ------------------------------------------------------------------------------------------------ fetching
     def _fetch(self, store: CrawlStore, cands: pa.Table, blocked: list[bool], urls: list[str], layout: str) -> dict:
         """Download ``urls`` with the ordinary crawl (one candidate per URL) and record every outcome."""
-        from pipelines.crawl.crawl import crawl_all
+        from pipelines.crawl.driver import crawl_all
         from pipelines.crawl.results import crawl_outcome, host_report
 
         wanted = set(urls)

@@ -24,7 +24,7 @@ from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.engine import ROBOTS_STORE, ProgressHook, run_round, staging_root
 from pipelines.crawl.host_order import spread_hosts
 from pipelines.crawl.reasons import RETRYABLE_REASONS
-from pipelines.crawl.results import crawl_outcome, shard_stats
+from pipelines.crawl.results import map_outcomes, shard_stats
 from pipelines.crawl.robots_store import RobotsStore
 from pipelines.crawl.rounds import (META_DIR, CrawlError, CrawlIncompleteError, RoundInfo, crawl_shard_files,
                                     list_rounds, load_round_config, meta_uri, round_dir)
@@ -200,16 +200,22 @@ def crawl(candidates, crawl_dir: str | os.PathLike, config: CrawlConfig | None =
 
 def retry_candidates(crawl_dir: str, before_round: int, reasons: Iterable[str] | str = "retryable") -> pa.Table:
     """The failures of rounds before ``before_round`` to fetch again, sorted by uid, with their timeout counts."""
-    failed = crawl_outcome(crawl_dir, max_round=before_round - 1).failures
-    timeouts = (pc.fill_null(failed.column("timeouts"), 0).cast(pa.int32()) if "timeouts" in failed.column_names
-                else pa.array([0] * failed.num_rows, pa.int32()))
-    keep = pc.less(timeouts, MAX_TIMEOUTS)
-    if reasons != "all":
-        wanted = (list(RETRYABLE_REASONS) if reasons == "retryable" else [reasons] if isinstance(reasons, str)
-                  else list(reasons))
-        keep = pc.and_(keep, pc.is_in(failed.column("reason"), value_set=pa.array(wanted, pa.string())))
-    retry = failed.filter(keep).append_column("prior_timeouts", timeouts.filter(keep))
-    return retry.sort_by("uid")
+    if reasons == "all":
+        wanted = None
+    else:
+        wanted = pa.array(list(RETRYABLE_REASONS) if reasons == "retryable" else [reasons] if isinstance(reasons, str)
+                          else list(reasons), pa.string())
+
+    def to_retry(part) -> pa.Table:  # part by part: only the failures to fetch again are kept
+        failed = part.failures
+        timeouts = (pc.fill_null(failed.column("timeouts"), 0).cast(pa.int32()) if "timeouts" in failed.column_names
+                    else pa.array([0] * failed.num_rows, pa.int32()))
+        keep = pc.less(timeouts, MAX_TIMEOUTS)
+        if wanted is not None:
+            keep = pc.and_(keep, pc.is_in(failed.column("reason"), value_set=wanted))
+        return failed.filter(keep).append_column("prior_timeouts", timeouts.filter(keep))
+
+    return pa.concat_tables(map_outcomes(crawl_dir, to_retry, max_round=before_round - 1)).sort_by("uid")
 
 
 def recrawl_failures(crawl_dir: str | os.PathLike, config: CrawlConfig | None = None, *, round_no: int = 1,
