@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.crawl.politeness import _netloc_key, host_key
+from pipelines.crawl.politeness import netloc_key, host_key
 
 # What urlsplit reads the scheme and netloc from: up to the first "/", "?" or "#" after the optional "//".
 _AUTHORITY = r"^(?P<a>[^/?#]*(?://[^/?#]*)?)"
@@ -27,7 +27,7 @@ def host_ids(urls) -> tuple[np.ndarray, list[str]]:
     prefix_host = np.empty(len(encoded.dictionary), np.int64)
     invalid = []
     for i, p in enumerate(encoded.dictionary.to_pylist()):
-        key = _netloc_key(p)
+        key = netloc_key(p)
         if key is None:  # unparsable netloc: the key is the URL's own (host_key), set per URL below
             prefix_host[i] = -1
             invalid.append(i)

@@ -54,11 +54,11 @@ ROBOTS_UNKNOWN, ROBOTS_FETCHING, ROBOTS_KNOWN = 0, 1, 2
 
 def host_key(url: str) -> str:
     """``scheme://host:port`` of a URL (default ports made explicit); unparsable URLs get a key of their own."""
-    key = _netloc_key(url)
+    key = netloc_key(url)
     return f"invalid:{url[:200]}" if key is None else key
 
 
-def _netloc_key(url: str) -> str | None:
+def netloc_key(url: str) -> str | None:
     """:func:`host_key` from the URL's scheme and netloc alone; None where urlsplit refuses the netloc."""
     try:
         parts = urlsplit(url)

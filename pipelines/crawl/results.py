@@ -236,11 +236,12 @@ def iter_outcomes(crawl_dir: str, *, max_round: int | None = None,
     with storage.open_read(first.input_path) as f:
         input_schema = pq.ParquetFile(f).schema_arrow
     wanted = set(SUCCESS_COLUMNS) | set(FAILURE_COLUMNS) | set(input_schema.names)
-    ext = {r.round_no: load_round_config(crawl_dir, r.round_no).encode_format for r in rounds}
+    configs = {r.round_no: load_round_config(crawl_dir, r.round_no) for r in rounds}
+    ext = {n: c.encode_format for n, c in configs.items()}
     shards: list[dict] = []
     later = [t for t in (_read_round_rows(crawl_dir, r, wanted, shards) for r in rounds[1:]) if t is not None]
     later_rows = pa.concat_tables(later, promote_options="permissive") if later else None
-    size = load_round_config(crawl_dir, 0).number_sample_per_shard
+    size = configs[0].number_sample_per_shard
     if rows_per_part is None or first.n_shards == 0:
         parts = [list(range(first.n_shards))]
     else:
@@ -261,8 +262,9 @@ def iter_outcomes(crawl_dir: str, *, max_round: int | None = None,
         yield _decide(crawl_dir, inputs, rows, ext, shards)
     if strays:  # rows of no candidate are ignored; a candidate of another slice breaks the layout
         stray = pa.concat_arrays([a.cast(pa.string()) for a in strays])
-        for inputs in _row_slices(first.input_path, [first.n_rows]):
-            if pc.any(pc.is_in(inputs.column("uid").cast(pa.string()), value_set=stray)).as_py():
+        with storage.open_read(first.input_path) as f:
+            uid_batches = pq.ParquetFile(f).iter_batches(batch_size=1 << 20, columns=["uid"])
+            if any(pc.any(pc.is_in(b.column(0).cast(pa.string()), value_set=stray)).as_py() for b in uid_batches):
                 raise ShardLayoutError(f"{crawl_dir}: a round-0 shard holds a candidate of another shard's part "
                                        f"of the URL list; decide the outcome over the whole crawl")
 
