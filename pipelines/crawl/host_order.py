@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.crawl.politeness import netloc_key, host_key
+from pipelines.crawl.politeness import host_key, netloc_key
 
 # What urlsplit reads the scheme and netloc from: up to the first "/", "?" or "#" after the optional "//".
 _AUTHORITY = r"^(?P<a>[^/?#]*(?://[^/?#]*)?)"
