@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from pipelines.core.errors import ClipError
@@ -166,6 +167,16 @@ def test_takedown_set_matching_and_recording(tmp_path):
     assert TD.urls_to_delete(tds, [(UID, "http://c.test/1"), ("f" * 32, "http://cdn.blocked.test/2"),
                                    ("e" * 32, "http://fine.test/3")]) == {
         "http://a.test/1.jpg", "http://c.test/1", "http://cdn.blocked.test/2"}
+    # column-wise, row for row, as the crawl store stage asks (odd URLs, repeated URLs, nulls never occur)
+    urls = ["http://a.test/1.jpg", "http://a.test/2.jpg", "https://cdn.blocked.test:8443/x.jpg",
+            "http://blocked.test/x", "http://notblocked.test/x", "http://blocked.test.evil/x", "http://other.test/x",
+            "http://other.test/x", "http://BLOCKED.test/y", "not a url", "", "http://[::1]:80/blocked.test",
+            "http://a.test/1.jpg"]
+    uids = [UID, "f" * 32, "e" * 32, "d" * 32, "c" * 32, "b" * 32, UID, "a" * 32, "9" * 32, UID.upper(), "8" * 32,
+            "7" * 32, "6" * 32]
+    mask = TD.blocked_mask(tds, pa.array(uids), pa.array(urls)).to_pylist()
+    assert mask == [tds.matches(u, i) for u, i in zip(urls, uids)] and 3 < sum(mask) < len(urls)
+    assert TD.blocked_mask(TD.TakedownSet(), pa.array(uids), pa.array(urls)).to_pylist() == [False] * len(urls)
     fp = tds.fingerprint()
     TD.record(d, "url", str(tmp_path / "u.txt"))  # the same request again: same set, same fingerprint
     assert TD.load(d).fingerprint() == fp

@@ -128,3 +128,36 @@ def test_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="no crawl store"):
         CrawlStore.open(str(tmp_path / "absent"), create=False)
     assert not os.path.exists(tmp_path / "absent")
+
+
+def test_lookup_is_row_for_row_and_the_cached_index_follows_every_write(tmp_path):
+    """The column-wise index: lookups align with the asked hashes (repeats, unknowns), and the index a store keeps
+    current through record/delete/compact equals the one a fresh reader gets from the files."""
+    import pyarrow as pa
+
+    from pipelines.dataset.crawl_store import hash_urls
+
+    path = str(tmp_path / "store")
+    store = CrawlStore.open(path)
+    a, b, c, d = (f"http://h.test/{k}.jpg" for k in "abcd")
+    store.index_table()  # cached from here on
+    store.record([ok(a), failed(b, "timeout"), ok(c)], T0)
+    store.record([failed(a, "http_404"), ok(b)], at(2))  # the newest record of a URL wins
+    store.delete([c])
+    store.record([failed(d, "http_5xx")], at(3))
+
+    def rows(s):
+        return sorted(s.index_table().to_pylist(), key=lambda r: r["url_hash"])
+
+    assert rows(store) == rows(CrawlStore.open(path)) and len(rows(store)) == 4
+    got = store.lookup(hash_urls(pa.array([d, "http://nowhere.test/x", a, d]))).to_pylist()
+    assert [r["url"] for r in got] == [d, None, a, d]
+    assert [r["status"] for r in got] == ["failed", None, "failed", "failed"]
+    assert got[2]["attempts"] == 2 and got[2]["reason"] == "http_404" and store.get(b)["status"] == "ok"
+    assert store.get(c)["status"] == "deleted" and store.get("http://nowhere.test/x") is None
+    assert hash_urls(pa.array([a, a])).to_pylist() == [url_hash(a)] * 2
+    store.compact()
+    assert rows(store) == rows(CrawlStore.open(path)) and len(list((tmp_path / "store/index").iterdir())) == 1
+    plan = store.plan([a, b, c, d, a], at(3), layout=None)
+    assert plan.counts() == {"reused_ok": 1, "reused_failed": 2, "fetch": 1, "due_retry": 0, "new": 1}
+    assert plan.fetch == [c] and set(plan.ok) == {b} and set(plan.failed) == {a, d}

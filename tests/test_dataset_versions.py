@@ -280,3 +280,68 @@ def _assert_complete(root: Path, n: int) -> None:
     assert info["version"] == n and (d / "README.md").exists()
     for s in manifest["shards"]:
         assert (d / "shards" / s["name"]).stat().st_size > 0
+
+
+def _crawl_dir_bytes(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_store_crawl_records_in_batches_and_a_kill_while_recording_reruns_without_downloading(
+        life, tmp_path, monkeypatch):
+    """The crawl store stage records a fetch a batch of images at a time (bounded memory); the crawl directory
+    does not depend on the batches; a build killed after some batches were recorded reruns without downloading
+    anything again and ends with the same crawl directory and one attempt per URL."""
+    from flows.build import plan_stages
+    from pipelines.dataset import store_crawl
+    from pipelines.dataset.crawl_store import CrawlStore
+    from pipelines.dataset.store_crawl import StoreCrawlStage
+
+    server = life["server"]
+    crawl_cfg = next(s for s in plan_stages(life["cfg"]) if s.name == "crawl").config
+    (tmp_path / "cands").mkdir()
+    pq.write_table(_candidates(life["root"]).slice(0, 60), tmp_path / "cands" / "part-00000.parquet")
+    cands = str(tmp_path / "cands")
+
+    def stage(name: str) -> StoreCrawlStage:
+        d = tmp_path / name
+        return StoreCrawlStage(crawl_cfg, {"candidates": cands}, str(d / "crawl"), store=str(d / "store"),
+                               as_of=T0, fetch_dir=str(d / "fetch"))
+
+    def outcome(r) -> tuple:
+        return r.details["fetch"]["urls"], r.details["fetch"]["successes"], r.details["fetch"]["failures"]
+
+    server.reset_flaky()  # every crawl below meets the flaky routes as the first one does
+    r_whole = stage("whole").compute("fp")
+    monkeypatch.setattr(store_crawl, "RECORD_BYTES", 1)  # one image per recorded batch
+    server.reset_flaky()
+    r_batched = stage("batched").compute("fp")
+    n_ok = r_batched.details["fetch"]["successes"]
+    assert n_ok > 10 and outcome(r_batched) == outcome(r_whole) and r_whole.details["fetch"]["failures"]
+    assert len(list((tmp_path / "batched/store/packs").iterdir())) == n_ok
+    assert len(list((tmp_path / "whole/store/packs").iterdir())) == 1
+    assert _crawl_dir_bytes(tmp_path / "batched/crawl") == _crawl_dir_bytes(tmp_path / "whole/crawl")
+
+    server.reset_flaky()
+    killed = stage("killed")
+    real_record, calls = CrawlStore.record, []
+
+    def record_then_die(self, results, as_of, layout=None):
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed while recording")
+        calls.append(1)
+        return real_record(self, results, as_of, layout)
+
+    monkeypatch.setattr(CrawlStore, "record", record_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        killed.compute("fp")
+    monkeypatch.setattr(CrawlStore, "record", real_record)
+    assert len(list((tmp_path / "killed/store/packs").iterdir())) == 5
+    server.reset_hits()
+    r_killed = stage("killed").compute("fp")
+    assert not _hit_paths(server)  # the finished fetch was read again, nothing downloaded
+    assert r_killed.details["crawl_store"]["reused_ok"] == 5
+    assert _crawl_dir_bytes(tmp_path / "killed/crawl") == _crawl_dir_bytes(tmp_path / "whole/crawl")
+    store = CrawlStore.open(str(tmp_path / "killed/store"))
+    assert set(store.index_table().column("attempts").to_pylist()) == {1}
+    assert store.stats()["by_status"] == CrawlStore.open(str(tmp_path / "whole/store")).stats()["by_status"]
+    assert not (tmp_path / "killed/fetch").exists() or not any((tmp_path / "killed/fetch").rglob("*.parquet"))

@@ -2,9 +2,9 @@
 
     store = CrawlStore.open("ROOT/crawl_store")                 # local path or s3:// prefix; created when absent
     plan = store.plan(urls, as_of="2025-03-01T00:00:00Z", layout=layout_fingerprint(crawl_config))
-    plan.fetch        # URLs to download now: never seen, stored with other image settings, or a failure now due
-    plan.ok           # url -> stored success (bytes, sha256, pHash, dHash, sizes): never downloaded again
-    plan.failed       # url -> stored failure whose back-off has not expired at ``as_of``: reused as it is
+    plan.fetch_urls   # URLs to download now: never seen, stored with other image settings, or a failure now due
+    plan.state        # per distinct URL (plan.urls): HIT (stored success: never downloaded again), REUSE_FAILED
+                      # (stored failure whose back-off has not expired at ``as_of``), DUE or NEW (to fetch)
     store.record(results, as_of)                                # after the crawl: successes (with bytes), failures
     store.delete(urls)                                          # takedown: the stored bytes are gone for good
 
@@ -31,30 +31,34 @@ without those members, writes a segment that points the surviving entries at the
 deletes the old packs, so a reader never sees a dangling offset and no taken-down byte survives a finished call.
 One writer per store at a time (the version flow holds it); readers may run alongside.
 
-Scale: lookups read the whole index (a few dozen bytes per URL, Parquet): fine for tens of millions of URLs on one
-machine; :meth:`CrawlStore.compact` folds the segments into one. Beyond that the index would be partitioned by URL
-hash prefix (the key already allows it).
+Scale: the index is read once into one Arrow table (:meth:`CrawlStore.index_table`: ~200 bytes per URL, no Python
+object per URL) and kept current by the store's own writes; plans and lookups are Arrow joins
+(:meth:`CrawlStore.lookup`, :meth:`CrawlStore.plan`), so tens of millions of URLs fit one machine;
+:meth:`CrawlStore.compact` folds the segments into one. Beyond that the index would be partitioned by URL hash
+prefix (the key already allows it).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import math
 import re
-import tarfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.core import reasons as R
 from pipelines.core import storage
 from pipelines.core.config import Config, check
 from pipelines.core.errors import ClipError
+from pipelines.core.table_ops import as_array, one_per_key
+from pipelines.core.ustar import UstarWriter
 
 FORMAT = "clipline-crawl-store"
 FORMAT_VERSION = 1
@@ -110,6 +114,13 @@ class StoreError(ClipError):
 
 def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def hash_urls(urls: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """:func:`url_hash` of each URL (each distinct URL hashed once)."""
+    enc = as_array(urls).cast(pa.string()).dictionary_encode()
+    hashes = pa.array([url_hash(u) for u in enc.dictionary.to_pylist()], pa.string())
+    return hashes.take(enc.indices)
 
 
 def parse_time(value: str | int | float | datetime | None, what: str = "as_of") -> int:
@@ -202,17 +213,50 @@ class FetchResult:
 
 @dataclass
 class StorePlan:
-    """What to do with each URL at ``as_of`` (see :meth:`CrawlStore.plan`)."""
+    """What to do with each distinct URL at ``as_of`` (see :meth:`CrawlStore.plan`): ``urls``, their stored
+    records (``entries``, null rows for URLs never stored) and their ``state`` (HIT, REUSE_FAILED, DUE, NEW), as
+    Arrow columns row for row. The dict/list views are for small plans and tests."""
 
     as_of: int
-    ok: dict[str, dict] = field(default_factory=dict)
-    failed: dict[str, dict] = field(default_factory=dict)
-    fetch: list[str] = field(default_factory=list)
-    due: list[str] = field(default_factory=list)  # the part of ``fetch`` that are stored failures now due
+    urls: pa.Array
+    entries: pa.Table
+    state: pa.Array
+
+    def _where(self, *states: str) -> pa.Array:
+        return pc.is_in(self.state, value_set=pa.array(states, pa.string()))
+
+    @property
+    def fetch_urls(self) -> pa.Array:
+        """The URLs to download now (new, other layout, deleted, or failures now due), sorted."""
+        urls = self.urls.filter(self._where(NEW, DUE))
+        return urls.take(pc.array_sort_indices(urls))
+
+    @property
+    def fetch(self) -> list[str]:
+        return self.fetch_urls.to_pylist()
+
+    @property
+    def due(self) -> list[str]:  # the part of ``fetch`` that are stored failures now due
+        return sorted(self.urls.filter(self._where(DUE)).to_pylist())
+
+    def _entries(self, state: str) -> dict[str, dict]:
+        mask = self._where(state)
+        return dict(zip(self.urls.filter(mask).to_pylist(), self.entries.filter(mask).to_pylist()))
+
+    @property
+    def ok(self) -> dict[str, dict]:
+        return self._entries(HIT)
+
+    @property
+    def failed(self) -> dict[str, dict]:
+        return self._entries(REUSE_FAILED)
 
     def counts(self) -> dict:
-        return {"reused_ok": len(self.ok), "reused_failed": len(self.failed), "fetch": len(self.fetch),
-                "due_retry": len(self.due), "new": len(self.fetch) - len(self.due)}
+        n = {k: 0 for k in (HIT, REUSE_FAILED, DUE, NEW)}
+        for item in pc.value_counts(self.state).to_pylist():
+            n[item["values"]] = item["counts"]
+        return {"reused_ok": n[HIT], "reused_failed": n[REUSE_FAILED], "fetch": n[DUE] + n[NEW],
+                "due_retry": n[DUE], "new": n[NEW]}
 
 
 # -------------------------------------------------------------------------------------------------------- store
@@ -224,7 +268,7 @@ class CrawlStore:
     def __init__(self, uri: str, policy: BackoffPolicy | None = None):
         self.uri = str(uri).rstrip("/") if storage.is_s3(str(uri)) else str(uri)
         self.policy = policy or BackoffPolicy()
-        self._index: dict[str, dict] | None = None
+        self._table: pa.Table | None = None  # index_table(), once read
 
     # -- opening
     @classmethod
@@ -278,61 +322,75 @@ class CrawlStore:
         return max(seqs, default=0) + 1
 
     # -- reading
+    def index_table(self) -> pa.Table:
+        """Every URL's current record as one Arrow table (the row of the newest segment wins), cached; kept current
+        by this object's own writes."""
+        if self._table is None:
+            parts = []
+            for seq, uri in self._segments():
+                t = storage.read_table(uri)
+                parts.append(t.append_column("__seq", pa.array(np.full(t.num_rows, seq, np.int64))))
+            if not parts:
+                self._table = INDEX_SCHEMA.empty_table()
+            else:
+                t = pa.concat_tables(parts, promote_options="permissive")
+                t = t.sort_by([("url_hash", "ascending"), ("__seq", "ascending")])
+                self._table = one_per_key(t, "url_hash", last=True).select(INDEX_SCHEMA.names)
+        return self._table
+
+    def lookup(self, hashes: pa.Array | pa.ChunkedArray) -> pa.Table:
+        """The current record of each URL hash, row for row (a row of nulls where the store has none)."""
+        t = self.index_table()
+        pos = pc.index_in(as_array(hashes).cast(pa.string()), value_set=as_array(t.column("url_hash")))
+        return t.take(pos)
+
     def index(self) -> dict[str, dict]:
-        """url_hash -> the URL's current record (newest segment wins)."""
-        if self._index is None:
-            index: dict[str, dict] = {}
-            for _seq, uri in self._segments():
-                for row in storage.read_table(uri).to_pylist():
-                    index[row["url_hash"]] = row
-            self._index = index
-        return self._index
+        """url_hash -> the URL's current record, as Python dicts (for small stores and tests; the builds use
+        :meth:`index_table` / :meth:`lookup`)."""
+        return {row["url_hash"]: row for row in self.index_table().to_pylist()}
 
     def get(self, url: str) -> dict | None:
-        return self.index().get(url_hash(url))
+        rows = self.lookup(pa.array([url_hash(url)])).to_pylist()
+        return rows[0] if rows[0]["url_hash"] is not None else None
+
+    def states(self, entries: pa.Table, as_of: int, layout: str | None = None) -> pa.Array:
+        """HIT, REUSE_FAILED, DUE or NEW for each record of ``entries`` (rows of :data:`INDEX_SCHEMA`, null rows
+        for URLs never stored) at ``as_of``: a success is a hit unless it was made with another ``layout``; a
+        failure is due once its ``next_retry`` has come; a deleted or unknown URL is new."""
+        n = entries.num_rows
+        status = pc.fill_null(as_array(entries.column("status")), DELETED)
+        ok, failed = pc.equal(status, OK), pc.equal(status, FAILED)
+        if layout is not None:
+            ok = pc.and_(ok, pc.fill_null(pc.equal(as_array(entries.column("layout")), layout), False))
+        nxt = as_array(entries.column("next_retry"))
+        due = pc.and_(failed, pc.fill_null(pc.less_equal(nxt, pa.scalar(int(as_of), pa.int64())), True))
+        reuse = pc.and_(failed, pc.invert(due))
+        out = pc.if_else(ok, HIT, pc.if_else(reuse, REUSE_FAILED, pc.if_else(due, DUE, NEW)))
+        return out if n else pa.array([], pa.string())
 
     def state(self, entry: dict | None, as_of: int, layout: str | None = None) -> str:
-        """HIT, REUSE_FAILED, DUE or NEW for one record at ``as_of``."""
-        if entry is None or entry["status"] == DELETED:
-            return NEW
-        if entry["status"] == OK:
-            return HIT if layout is None or entry.get("layout") == layout else NEW
-        return DUE if entry.get("next_retry") is None or entry["next_retry"] <= as_of else REUSE_FAILED
+        """HIT, REUSE_FAILED, DUE or NEW for one record at ``as_of`` (the rule of :meth:`states`)."""
+        row = {c.name: None for c in INDEX_SCHEMA} | (entry or {})
+        return self.states(pa.Table.from_pylist([row], schema=INDEX_SCHEMA), as_of, layout)[0].as_py()
 
-    def plan(self, urls: Iterable[str], as_of: str | int, layout: str | None = None) -> StorePlan:
+    def plan(self, urls: Iterable[str] | pa.Array | pa.ChunkedArray, as_of: str | int,
+             layout: str | None = None) -> StorePlan:
         """Split ``urls`` (duplicates allowed) into stored successes, stored failures not yet due, and URLs to
-        fetch (new, other layout, deleted, or failures whose back-off has expired at ``as_of``)."""
+        fetch (new, other layout, deleted, or failures whose back-off has expired at ``as_of``); column-wise."""
         t = parse_time(as_of)
-        plan = StorePlan(as_of=t)
-        index = self.index()
-        seen: set[str] = set()
-        for url in urls:
-            if url in seen:
-                continue
-            seen.add(url)
-            entry = index.get(url_hash(url))
-            st = self.state(entry, t, layout)
-            if st == HIT:
-                plan.ok[url] = entry
-            elif st == REUSE_FAILED:
-                plan.failed[url] = entry
-            else:
-                plan.fetch.append(url)
-                if st == DUE:
-                    plan.due.append(url)
-        plan.fetch.sort()
-        plan.due.sort()
-        return plan
+        urls = as_array(urls) if isinstance(urls, (pa.Array, pa.ChunkedArray)) else pa.array(list(urls), pa.string())
+        distinct = pc.unique(urls.cast(pa.string()))
+        entries = self.lookup(hash_urls(distinct))
+        return StorePlan(as_of=t, urls=distinct, entries=entries, state=self.states(entries, t, layout))
 
     def due(self, as_of: str | int, urls: Iterable[str] | None = None) -> list[str]:
         """Stored failures whose back-off has expired at ``as_of`` (among ``urls`` when given), sorted."""
         t = parse_time(as_of)
-        if urls is None:
-            entries = self.index().values()
-        else:
-            index = self.index()
-            entries = [e for e in (index.get(url_hash(u)) for u in set(urls)) if e is not None]
-        return sorted(e["url"] for e in entries if e["status"] == FAILED and self.state(e, t) == DUE)
+        entries = self.index_table() if urls is None else \
+            self.lookup(hash_urls(pc.unique(pa.array(list(urls), pa.string()))))
+        mask = pc.and_(pc.equal(pc.fill_null(as_array(entries.column("status")), DELETED), FAILED),
+                       pc.equal(self.states(entries, t), DUE))
+        return sorted(as_array(entries.column("url")).filter(mask).to_pylist())
 
     def read_image(self, entry: dict) -> bytes:
         """The stored bytes of a success (one ranged read of its pack)."""
@@ -345,26 +403,15 @@ class CrawlStore:
             raise StoreError(f"{self._path(entry['pack'])}: bytes of {entry['url']} do not match their sha256")
         return data
 
-    def stats(self) -> dict:
-        by_status: dict[str, int] = {}
-        by_reason: dict[str, int] = {}
-        for e in self.index().values():
-            by_status[e["status"]] = by_status.get(e["status"], 0) + 1
-            if e["status"] == FAILED:
-                by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
-        return {"urls": len(self.index()), "by_status": dict(sorted(by_status.items())),
-                "failed_by_reason": dict(sorted(by_reason.items())), "segments": len(self._segments()),
-                "packs": len(self._packs()), "pack_bytes": sum(storage.size_of(u) for _s, u in self._packs())}
-
     # -- writing
     def record(self, results: Iterable[FetchResult], as_of: str | int, layout: str | None = None) -> int:
         """Record downloads made at ``as_of``: one pack with the new bytes, then one index segment. Returns the
-        number of records written. A failure's next retry is ``as_of + policy.wait(reason, failures)``."""
+        number of records written. A failure's next retry is ``as_of + policy.wait(reason, failures)``. A large
+        fetch records in several calls (each a pack and a segment), so its bytes need not all be in memory."""
         t = parse_time(as_of)
         results = list(results)
         if not results:
             return 0
-        index = self.index()
         seq = self._next_seq()
         pack_rel = f"packs/{seq:08d}.tar"
         latest: dict[str, FetchResult] = {}
@@ -372,12 +419,14 @@ class CrawlStore:
             prev = latest.get(r.url)
             if prev is None or (prev.status != OK and r.status == OK):
                 latest[r.url] = r
+        urls = sorted(latest)
+        hashes = [url_hash(u) for u in urls]
+        olds = self.lookup(pa.array(hashes, pa.string())).to_pylist()
         rows: list[dict] = []
         members: list[tuple[str, bytes]] = []
-        for url in sorted(latest):
+        for url, h, old in zip(urls, hashes, olds):
             r = latest[url]
-            h = url_hash(url)
-            old = index.get(h)
+            old = old if old["url_hash"] is not None else None
             attempts = int(old["attempts"]) + 1 if old else 1
             row = {c.name: None for c in INDEX_SCHEMA}
             row.update(url_hash=h, url=url, attempts=attempts, fetched_at=t, layout=layout,
@@ -409,22 +458,22 @@ class CrawlStore:
         """Delete the stored bytes of ``urls`` (takedowns): their packs are rewritten without them and the records
         become ``deleted`` (a later plan treats them as never fetched; keeping a taken-down URL out of a dataset
         is the takedown list's job). Returns the URLs whose bytes were deleted. Idempotent."""
-        index = self.index()
-        targets = {}
-        for url in set(urls):
-            e = index.get(url_hash(url))
-            if e is not None and e["status"] == OK:
-                targets[e["url_hash"]] = e
+        wanted = pc.unique(pa.array(list(urls), pa.string()))
+        found = self.lookup(hash_urls(wanted))
+        found = found.filter(pc.fill_null(pc.equal(as_array(found.column("status")), OK), False))
         self.gc()
-        if not targets:
+        if not found.num_rows:
             return []
+        targets = {e["url_hash"]: e for e in found.to_pylist()}
+        index = self.index_table()
         affected = sorted({e["pack"] for e in targets.values()})
         seq = self._next_seq()
         rows: list[dict] = []
         old_packs = []
         for pack_rel in affected:
-            keep = [e for e in index.values() if e["status"] == OK and e["pack"] == pack_rel
-                    and e["url_hash"] not in targets]
+            in_pack = pc.and_(pc.fill_null(pc.equal(as_array(index.column("pack")), pack_rel), False),
+                              pc.equal(as_array(index.column("status")), OK))
+            keep = [e for e in index.filter(in_pack).to_pylist() if e["url_hash"] not in targets]
             new_rel = f"packs/{seq:08d}.tar"
             seq += 1
             if keep:
@@ -443,7 +492,7 @@ class CrawlStore:
 
     def gc(self) -> list[str]:
         """Delete packs no current record points at (left by a killed write or an earlier delete)."""
-        used = {e["pack"] for e in self.index().values() if e.get("pack")}
+        used = set(pc.unique(as_array(self.index_table().column("pack")).drop_null()).to_pylist())
         gone = []
         for _seq, uri in self._packs():
             rel = f"packs/{storage.basename(uri)}"
@@ -452,36 +501,40 @@ class CrawlStore:
                 gone.append(uri)
         return gone
 
+    def stats(self) -> dict:
+        t = self.index_table()
+        status = as_array(t.column("status"))
+        by_status = {d["values"]: d["counts"] for d in pc.value_counts(status).to_pylist()}
+        failed = as_array(t.column("reason")).filter(pc.equal(status, FAILED))
+        by_reason = {d["values"]: d["counts"] for d in pc.value_counts(failed).to_pylist()}
+        return {"urls": t.num_rows, "by_status": dict(sorted(by_status.items())),
+                "failed_by_reason": dict(sorted(by_reason.items())), "segments": len(self._segments()),
+                "packs": len(self._packs()), "pack_bytes": sum(storage.size_of(u) for _s, u in self._packs())}
+
     def compact(self) -> None:
         """Fold every index segment into one (same records; fewer files to read)."""
         segs = self._segments()
         if len(segs) <= 1:
             return
-        rows = sorted(self.index().values(), key=lambda r: r["url_hash"])
+        table = self.index_table().sort_by("url_hash")
         seq = self._next_seq()
-        self._write_segment(seq, rows)
+        storage.write_table(self._path("index", f"seg-{seq:08d}.parquet"), table)
         for _s, uri in segs:
             storage.delete(uri)
-        self._index = None
+        self._table = None
 
     # -- internals
     def _write_pack(self, uri: str, members: list[tuple[str, bytes]]) -> dict[str, tuple[int, int]]:
         buf = io.BytesIO()
-        offsets: dict[str, tuple[int, int]] = {}
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-                offsets[name] = (tar.offset - _padded(len(data)), len(data))
+        with UstarWriter(buf) as tar:
+            offsets = {name: (tar.add(name, data, mode=0o644), len(data)) for name, data in members}
         storage.write_bytes_atomic(uri, buf.getvalue())
         return offsets
 
     def _write_segment(self, seq: int, rows: list[dict]) -> None:
         table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
         storage.write_table(self._path("index", f"seg-{seq:08d}.parquet"), table)
-        self._index = None
-
-
-def _padded(n: int) -> int:
-    return int(math.ceil(n / tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+        if self._table is not None:  # the new rows replace their URLs' records in the cached index
+            old = self._table.filter(pc.invert(pc.is_in(self._table.column("url_hash"),
+                                                        value_set=table.column("url_hash"))))
+            self._table = pa.concat_tables([old, table])

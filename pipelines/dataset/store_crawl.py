@@ -8,8 +8,9 @@
 2. asks the store for the rest at ``as_of`` (:meth:`CrawlStore.plan`): stored successes and failures whose back-off
    has not expired are reused as they are; only new URLs, URLs stored with other image settings and failures now
    due are downloaded, by the ordinary crawl (``pipelines.crawl.crawl_all``: guard, politeness, robots.txt,
-   re-crawl rounds) in ``FETCH/<key>/``, one candidate per URL; the results are recorded in the store and the
-   fetch directory is removed;
+   re-crawl rounds) in ``FETCH/<key>/`` (key: the crawl settings and ``as_of``), one candidate per URL; the
+   results are recorded in the store a batch of images at a time (:data:`RECORD_BYTES`) and the fetch directory
+   is removed; a build killed while recording finds the finished fetch and records only what the store lacks;
 3. writes the crawl directory from the store alone: ``NNNNN.tar`` + ``NNNNN.parquet`` (img2dataset's columns plus
    the image's sha256/pHash/dHash/size and its offset in the tar, as a clipline crawl writes them), rows in uid
    order, and the crawl rejected rows.
@@ -19,32 +20,48 @@ already stored) and one built from scratch with the same inputs and ``as_of`` ge
 directories, and from there identical pools, decontamination, balancing and shards. The fingerprint holds
 ``as_of``, the back-off policy and the takedown set's fingerprint: a new takedown or a new ``as_of`` recomputes the
 stage (downloading only what is due), an unchanged assembly leaves the later stages' fingerprints unchanged.
+
+Scale: the candidates, their stored records and the plan are Arrow columns (no Python object per candidate); one
+assembled shard's rows, the taken-down rows and one batch of downloads are Python objects at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
 import os
-import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.core import reasons as R
 from pipelines.core import storage
 from pipelines.core.stage import Stage, StageResult
+from pipelines.core.table_ops import as_array, one_per_key
+from pipelines.core.ustar import UstarWriter
 from pipelines.dataset import takedown as TD
-from pipelines.dataset.crawl_store import (OK, BackoffPolicy, CrawlStore, FetchResult, format_time,
-                                           layout_fingerprint, parse_time, url_hash)
+from pipelines.dataset.crawl_store import (
+    META_COLUMNS,
+    OK,
+    BackoffPolicy,
+    CrawlStore,
+    FetchResult,
+    format_time,
+    hash_urls,
+    layout_fingerprint,
+    parse_time,
+)
 from schemas import conform
 from schemas import rejected as rejected_schema
 
 ASSEMBLY_VERSION = 1
 ROWS_PER_SHARD = 10_000
+RECORD_BYTES = 256 << 20  # a fetch records its images in batches of about this many bytes (one pack each)
 REASON_PREFIX = "clipline:"  # pipelines.crawl.reasons reads "clipline:<reason>" back as the reason
 
 _ADDED = [pa.field("key", pa.string()), pa.field("status", pa.string()), pa.field("error_message", pa.string()),
@@ -103,65 +120,78 @@ class StoreCrawlStage(Stage):
 
     # ------------------------------------------------------------------------------------------------ compute
     def compute(self, fingerprint: str) -> StageResult:
+        """Column-wise over the candidates (Arrow); Python objects only for one assembled shard at a time, the
+        taken-down rows and one batch of downloads being recorded."""
         from pipelines.crawl.driver import read_candidates
 
         cands = read_candidates(self.input_files())  # validated, sorted by uid
-        rows = cands.to_pylist()
+        urls, uids = as_array(cands.column("url")), as_array(cands.column("uid"))
         tds = self.takedown_set
         store = CrawlStore.open(self.store_uri, self.backoff)
-        blocked = [tds.matches(r["url"], r["uid"]) for r in rows]
-        live_urls = {r["url"] for r, b in zip(rows, blocked) if not b}
-        doomed = TD.urls_to_delete(tds, ((r["uid"], r["url"]) for r, b in zip(rows, blocked) if b))
-        deleted = store.delete(doomed - live_urls)  # a URL that another pair (not taken down) needs stays
+        blocked = TD.blocked_mask(tds, uids, urls)
+        live = pc.invert(blocked)
+        doomed = TD.urls_to_delete(tds, zip(uids.filter(blocked).to_pylist(), urls.filter(blocked).to_pylist()))
+        doomed = pa.array(sorted(doomed), pa.string())  # a URL that another pair (not taken down) needs stays
+        deleted = store.delete(doomed.filter(pc.invert(pc.is_in(doomed, value_set=urls.filter(live)))).to_pylist())
         layout = layout_fingerprint(self.config)
-        plan = store.plan((r["url"] for r, b in zip(rows, blocked) if not b), self.as_of, layout)
-        fetch_report = self._fetch(store, cands, blocked, plan.fetch, layout) if plan.fetch else {}
-
-        index = store.index()
-        entries = [None if b else index.get(url_hash(r["url"])) for r, b in zip(rows, blocked)]
-        storage.delete_prefix(self.output)
-        shard_files = self._assemble(store, cands, blocked, entries)
-
-        rejected_rows, reasons = [], Counter()
-        for r, b, e in zip(rows, blocked, entries):
-            if b:
-                reason, source = R.TAKEDOWN, "takedown"
-            elif e is None or e["status"] != OK:
-                reason = (e or {}).get("reason") or R.MISSING_FROM_OUTPUT
-                source = f"crawl_store:{url_hash(r['url'])}"
-            else:
-                continue
-            reasons[reason] += 1
-            rejected_rows.append({"uid": r["uid"], "url": r["url"], "caption": r["caption"], "stage": R.CRAWL,
-                                  "reason": reason, "source": source})
-        table = pa.Table.from_pylist(rejected_rows, schema=pa.schema([f.with_nullable(True)
-                                                                      for f in rejected_schema.SCHEMA]))
-        storage.write_table(self.rejected, conform(table, rejected_schema.SCHEMA, where=self.rejected))
-        kept = len(rows) - sum(reasons.values())
+        plan = store.plan(urls.filter(live), self.as_of, layout)
         counts = plan.counts()
+        fetch = plan.fetch_urls
+        fetch_report = self._fetch(store, cands, live, fetch, layout) if len(fetch) else {}
+        del plan
+
+        hashes = hash_urls(urls)
+        entries = store.lookup(hashes)  # row for row with the candidates (null rows: never stored)
+        storage.delete_prefix(self.output)
+        shard_files = self._assemble(store, cands, live, entries)
+
+        status = pc.fill_null(as_array(entries.column("status")), "")
+        bad = pc.or_(blocked, pc.not_equal(status, OK))
+        stored_reason = as_array(entries.column("reason"))
+        reason = pc.if_else(blocked, R.TAKEDOWN,
+                            pc.if_else(pc.fill_null(pc.not_equal(stored_reason, ""), False), stored_reason,
+                                       R.MISSING_FROM_OUTPUT))
+        source = pc.if_else(blocked, "takedown", pc.binary_join_element_wise("crawl_store:", hashes, ""))
+        n = cands.num_rows
+        table = pa.table({"uid": uids, "url": urls, "caption": as_array(cands.column("caption")),
+                          "stage": pa.array(np.full(n, R.CRAWL, object), pa.string()) if n else
+                          pa.array([], pa.string()),
+                          "reason": reason, "source": source}).filter(bad)
+        storage.write_table(self.rejected, conform(table, rejected_schema.SCHEMA, where=self.rejected))
+        reasons = Counter({d["values"]: d["counts"] for d in pc.value_counts(table.column("reason")).to_pylist()})
+        kept = n - table.num_rows
         return StageResult(
-            stage="crawl", input_rows=len(rows), kept=kept, rejected=dict(reasons),
+            stage="crawl", input_rows=n, kept=kept, rejected=dict(reasons),
             outputs={"shards": shard_files, "rejected": self.rejected}, params=self.params(),
             fingerprint=fingerprint,
             details={"as_of": format_time(self.as_of),
-                     "crawl_store": {**counts, "takedown_rows": int(sum(blocked)), "bytes_deleted": len(deleted),
-                                     "uri": self.store_uri},
+                     "crawl_store": {**counts, "takedown_rows": int(pc.sum(blocked).as_py() or 0),
+                                     "bytes_deleted": len(deleted), "uri": self.store_uri},
                      "fetch": fetch_report})
 
     # ------------------------------------------------------------------------------------------------ fetching
-    def _fetch(self, store: CrawlStore, cands: pa.Table, blocked: list[bool], urls: list[str], layout: str) -> dict:
-        """Download ``urls`` with the ordinary crawl (one candidate per URL) and record every outcome."""
-        from pipelines.crawl.driver import crawl_all
-        from pipelines.crawl.results import crawl_outcome, host_report
+    def _fetch(self, store: CrawlStore, cands: pa.Table, live: pa.Array, urls: pa.Array, layout: str) -> dict:
+        """Download ``urls`` with the ordinary crawl (one candidate per URL, the first in uid order) and record
+        every outcome, a batch of at most :data:`RECORD_BYTES` of images at a time.
 
-        wanted = set(urls)
-        first: dict[str, int] = {}
-        for i, (url, b) in enumerate(zip(cands.column("url").to_pylist(), blocked)):
-            if not b and url in wanted and url not in first:
-                first[url] = i
-        subset = cands.take(pa.array(sorted(first.values()), pa.int64()))
-        key = hashlib.sha256(json.dumps({"urls": sorted(wanted), "crawl": self.config.to_dict(),
-                                         "as_of": self.as_of}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        The fetch directory is keyed by the crawl settings and ``as_of``: a build killed while recording finds
+        its crawl finished and records only what the store still lacks (``urls`` is what the store plans to
+        fetch, so a URL recorded before the kill is not among them)."""
+        from pipelines.crawl.driver import crawl_all
+        from pipelines.crawl.results import ShardLayoutError, host_report, iter_outcomes
+
+        wanted = urls.cast(pa.string())
+        picked = pc.and_(live, pc.is_in(as_array(cands.column("url")), value_set=wanted))
+        idx = pc.indices_nonzero(picked)
+        firsts = pa.table({"url": as_array(cands.column("url")).take(idx), "i": idx}).sort_by(
+            [("url", "ascending"), ("i", "ascending")])
+        firsts = one_per_key(firsts, "url")
+        first_rows = as_array(firsts.column("i"))
+        subset = cands.take(first_rows.take(pc.array_sort_indices(first_rows)))  # in uid order
+        key = hashlib.sha256(json.dumps({"crawl": self.config.to_dict(), "as_of": self.as_of},
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+        work = storage.join(self.fetch_dir, key)
+        cand_uri = storage.join(work, "candidates", "part-00000.parquet")
         try:
             for uri in storage.list_prefix(self.fetch_dir):  # fetches of another plan, left by a killed build
                 rel = uri[len(str(self.fetch_dir).rstrip("/")) + 1:]
@@ -169,67 +199,88 @@ class StoreCrawlStage(Stage):
                     storage.delete(uri)
         except storage.StorageError:
             pass
-        work = storage.join(self.fetch_dir, key)
-        cand_uri = storage.join(work, "candidates", "part-00000.parquet")
+        if storage.exists(cand_uri):  # a killed build's fetch: reused when it holds every URL wanted now
+            have = storage.read_table(cand_uri, columns=["url"]).column("url")
+            if not pc.all(pc.is_in(wanted, value_set=as_array(have).cast(pa.string()))).as_py():
+                storage.delete_prefix(work)
         if not storage.exists(cand_uri):
             storage.write_table(cand_uri, subset.replace_schema_metadata(None))
         crawl_dir = storage.join(work, "crawl")
         crawl_all(storage.join(work, "candidates"), crawl_dir, self.config, progress=self.progress,
                   log_file=self.log_file)
-        outcome = crawl_outcome(crawl_dir)
+
         ext = self.config.encode_format or "jpg"
-        results = []
-        for row, data in outcome.iter_images():
-            results.append(FetchResult(url=row["url"], status=OK, data=data, ext=ext,
-                                       meta={k: row.get(k) for k in ("img_sha256", "img_width", "img_height",
-                                                                      "img_error", "phash", "dhash", "width",
-                                                                      "height", "original_width",
-                                                                      "original_height")}))
-        for row in outcome.failures.to_pylist():
-            results.append(FetchResult(url=row["url"], status="failed", reason=row["reason"],
-                                       error_message=row.get("error_message")))
-        store.record(results, self.as_of, layout)
+        successes, failures = 0, Counter()
+        recorded: list[pa.Array] = []
+
+        def record_parts(parts, todo: pa.Array) -> None:
+            nonlocal successes
+            for part in parts:
+                ok = part.successes.filter(pc.is_in(part.successes.column("url"), value_set=todo))
+                bad = part.failures.filter(pc.is_in(part.failures.column("url"), value_set=todo))
+                batch: list[FetchResult] = []
+                size = 0
+                for row, data in dataclasses.replace(part, successes=ok).iter_images():
+                    batch.append(FetchResult(url=row["url"], status=OK, data=data, ext=ext,
+                                             meta={k: row.get(k) for k in META_COLUMNS}))
+                    size += len(data)
+                    if size >= RECORD_BYTES:
+                        store.record(batch, self.as_of, layout)
+                        batch, size = [], 0
+                store.record(batch + [FetchResult(url=r["url"], status="failed", reason=r["reason"],
+                                                  error_message=r.get("error_message"))
+                                      for r in bad.select(["url", "reason", "error_message"]).to_pylist()],
+                             self.as_of, layout)
+                successes += ok.num_rows
+                failures.update({d["values"]: d["counts"]
+                                 for d in pc.value_counts(bad.column("reason")).to_pylist()})
+                recorded.extend([as_array(ok.column("url")), as_array(bad.column("url"))])
+
+        try:
+            record_parts(iter_outcomes(crawl_dir), wanted)
+        except ShardLayoutError:  # never for a crawl this package wrote; decided whole, minus what is recorded
+            done = pa.concat_arrays([a.cast(pa.string()) for a in recorded]) if recorded else \
+                pa.array([], pa.string())
+            record_parts(iter_outcomes(crawl_dir, rows_per_part=None),
+                         wanted.filter(pc.invert(pc.is_in(wanted, value_set=done))))
         report = host_report(crawl_dir)
         storage.delete_prefix(work)
-        return {"urls": len(wanted), "successes": outcome.successes.num_rows,
-                "failures": dict(sorted(Counter(outcome.failures.column("reason").to_pylist()).items())),
+        return {"urls": len(wanted), "successes": successes, "failures": dict(sorted(failures.items())),
                 "rounds": report["rounds"], "n_hosts": report["n_hosts"], "host_totals": report["totals"]}
 
     # ------------------------------------------------------------------------------------------------ assembly
-    def _assemble(self, store: CrawlStore, cands: pa.Table, blocked: list[bool], entries: list) -> list[str]:
-        """The crawl directory from the store: every candidate not taken down, in uid order."""
-        keep = [i for i, b in enumerate(blocked) if not b]
+    def _assemble(self, store: CrawlStore, cands: pa.Table, live: pa.Array, entries: pa.Table) -> list[str]:
+        """The crawl directory from the store: every candidate not taken down, in uid order; one shard's rows at
+        a time as Python objects."""
+        keep = pc.indices_nonzero(live)
         base = [f.with_nullable(True) for f in cands.schema if f.name not in {f.name for f in _ADDED}]
         schema = pa.schema(base + _ADDED)
         files: list[str] = []
-        starts = range(0, len(keep), self.rows_per_shard) if keep else [0]  # nothing left: one empty shard
+        starts = range(0, len(keep), self.rows_per_shard) if len(keep) else [0]  # nothing left: one empty shard
         for n, start in enumerate(starts):
-            idx = keep[start:start + self.rows_per_shard]
-            part = cands.take(pa.array(idx, pa.int64())).to_pylist()
+            idx = keep.slice(start, self.rows_per_shard)
+            part = cands.take(idx).to_pylist()
+            part_entries = entries.take(idx).to_pylist()
             name = f"{n:05d}"
             fd, tmp = tempfile.mkstemp(prefix=f"clipline-store-crawl-{name}-", suffix=".tar")
             out_rows = []
             try:
                 with os.fdopen(fd, "wb") as f:
-                    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                        for row, i in zip(part, idx):
-                            e = entries[i]
+                    with UstarWriter(f) as tar:
+                        for row, e in zip(part, part_entries):
                             out = {**row, "key": row["uid"]}
-                            if e is not None and e["status"] == OK:
+                            if e["status"] == OK:
                                 data = store.read_image(e)
-                                info = tarfile.TarInfo(f"{row['uid']}.{e.get('ext') or 'jpg'}")
-                                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                                offset = tar.offset + tarfile.BLOCKSIZE
-                                tar.addfile(info, io.BytesIO(data))
+                                offset = tar.add(f"{row['uid']}.{e.get('ext') or 'jpg'}", data, mode=0o644)
                                 out.update(status="success", error_message=None, jpg_offset=offset,
                                            jpg_size=len(data),
                                            **{k: e.get(k) for k in ("width", "height", "original_width",
                                                                     "original_height", "img_sha256", "img_width",
                                                                     "img_height", "img_error", "phash", "dhash")})
                             else:
-                                reason = (e or {}).get("reason") or R.MISSING_FROM_OUTPUT
+                                reason = e.get("reason") or R.MISSING_FROM_OUTPUT
                                 message = f"{REASON_PREFIX}{reason}: stored" if ":" not in reason else \
-                                    ((e or {}).get("error_message") or reason)
+                                    (e.get("error_message") or reason)
                                 out.update(status="failed", error_message=message)
                             out_rows.append(out)
                 tar_uri = storage.join(self.output, f"{name}.tar")

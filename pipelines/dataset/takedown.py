@@ -32,6 +32,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipelines.core import storage
 from pipelines.core.errors import ClipError
 
@@ -176,6 +179,18 @@ def record(directory: str, kind: str, source: str) -> dict:
     uri = storage.join(directory, f"{number:06d}-{kind}.json")
     storage.write_json(uri, doc)
     return {**doc, "file": uri}
+
+
+def blocked_mask(tds: TakedownSet, uids: pa.Array, urls: pa.Array) -> pa.Array:
+    """:meth:`TakedownSet.matches` of each (uid, url) row, column-wise (domains checked once per distinct URL)."""
+    mask = pc.is_in(uids, value_set=pa.array(sorted(tds.uids), pa.string()))
+    if tds.urls:
+        mask = pc.or_(mask, pc.is_in(urls, value_set=pa.array(sorted(tds.urls), pa.string())))
+    if tds.domains and len(urls):
+        enc = urls.cast(pa.string()).dictionary_encode()
+        hits = pa.array([tds.domain_match(u) for u in enc.dictionary.to_pylist()], pa.bool_())
+        mask = pc.or_(mask, hits.take(enc.indices))
+    return pc.fill_null(mask, False)
 
 
 def urls_to_delete(tds: TakedownSet, pairs: Iterable[tuple[str, str]]) -> set[str]:
