@@ -171,11 +171,14 @@ def test_takedown_set_matching_and_recording(tmp_path):
     urls = ["http://a.test/1.jpg", "http://a.test/2.jpg", "https://cdn.blocked.test:8443/x.jpg",
             "http://blocked.test/x", "http://notblocked.test/x", "http://blocked.test.evil/x", "http://other.test/x",
             "http://other.test/x", "http://BLOCKED.test/y", "not a url", "", "http://[::1]:80/blocked.test",
-            "http://a.test/1.jpg"]
+            "http://a.test/1.jpg", "http:/\t/blocked.test/x", " http://blocked.test/x", "http://blocked.test\t/x",
+            "http://x@blocked.test/1", "http://blocked.test:99999/2", "http://[blocked.test/3", "//blocked.test/4",
+            "http://blocked.test?x", "http://blocked.test#f", "HTTP://WWW.BLOCKED.TEST./5", "\x01http://blocked.test/6"]
     uids = [UID, "f" * 32, "e" * 32, "d" * 32, "c" * 32, "b" * 32, UID, "a" * 32, "9" * 32, UID.upper(), "8" * 32,
             "7" * 32, "6" * 32]
+    uids += ["5" * 32] * (len(urls) - len(uids))
     mask = TD.blocked_mask(tds, pa.array(uids), pa.array(urls)).to_pylist()
-    assert mask == [tds.matches(u, i) for u, i in zip(urls, uids)] and 3 < sum(mask) < len(urls)
+    assert mask == [tds.matches(u, i) for u, i in zip(urls, uids)] and 8 < sum(mask) < len(urls)
     assert TD.blocked_mask(TD.TakedownSet(), pa.array(uids), pa.array(urls)).to_pylist() == [False] * len(urls)
     fp = tds.fingerprint()
     TD.record(d, "url", str(tmp_path / "u.txt"))  # the same request again: same set, same fingerprint

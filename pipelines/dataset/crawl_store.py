@@ -44,7 +44,9 @@ import io
 import json
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -394,14 +396,36 @@ class CrawlStore:
 
     def read_image(self, entry: dict) -> bytes:
         """The stored bytes of a success (one ranged read of its pack)."""
-        if entry.get("status") != OK or not entry.get("pack"):
-            raise StoreError(f"{entry.get('url')}: no stored image ({entry.get('status')})")
-        with storage.open_read(self._path(entry["pack"])) as f:
+        with self.image_reader() as read:
+            return read(entry)
+
+    @contextmanager
+    def image_reader(self, max_open: int = 16):
+        """``read(entry) -> bytes`` for many successes, keeping up to ``max_open`` packs open (on S3 each read is
+        still one ranged GET; locally it saves an open per image). Checks each image's sha256."""
+        handles: OrderedDict[str, Any] = OrderedDict()
+
+        def read(entry: dict) -> bytes:
+            if entry.get("status") != OK or not entry.get("pack"):
+                raise StoreError(f"{entry.get('url')}: no stored image ({entry.get('status')})")
+            f = handles.get(entry["pack"])
+            if f is None:
+                if len(handles) >= max_open:
+                    handles.popitem(last=False)[1].close()
+                f = handles[entry["pack"]] = storage.open_read(self._path(entry["pack"]))
+            else:
+                handles.move_to_end(entry["pack"])
             f.seek(int(entry["offset"]))
             data = f.read(int(entry["size"]))
-        if entry.get("img_sha256") and hashlib.sha256(data).hexdigest() != entry["img_sha256"]:
-            raise StoreError(f"{self._path(entry['pack'])}: bytes of {entry['url']} do not match their sha256")
-        return data
+            if entry.get("img_sha256") and hashlib.sha256(data).hexdigest() != entry["img_sha256"]:
+                raise StoreError(f"{self._path(entry['pack'])}: bytes of {entry['url']} do not match their sha256")
+            return data
+
+        try:
+            yield read
+        finally:
+            for f in handles.values():
+                f.close()
 
     # -- writing
     def record(self, results: Iterable[FetchResult], as_of: str | int, layout: str | None = None) -> int:
@@ -477,7 +501,8 @@ class CrawlStore:
             new_rel = f"packs/{seq:08d}.tar"
             seq += 1
             if keep:
-                members = [(f"{e['url_hash']}.{e['ext']}", self.read_image(e)) for e in keep]
+                with self.image_reader() as read:
+                    members = [(f"{e['url_hash']}.{e['ext']}", read(e)) for e in keep]
                 offsets = self._write_pack(self._path(new_rel), members)
                 for e in keep:
                     off, size = offsets[f"{e['url_hash']}.{e['ext']}"]

@@ -265,24 +265,23 @@ class StoreCrawlStage(Stage):
             fd, tmp = tempfile.mkstemp(prefix=f"clipline-store-crawl-{name}-", suffix=".tar")
             out_rows = []
             try:
-                with os.fdopen(fd, "wb") as f:
-                    with UstarWriter(f) as tar:
-                        for row, e in zip(part, part_entries):
-                            out = {**row, "key": row["uid"]}
-                            if e["status"] == OK:
-                                data = store.read_image(e)
-                                offset = tar.add(f"{row['uid']}.{e.get('ext') or 'jpg'}", data, mode=0o644)
-                                out.update(status="success", error_message=None, jpg_offset=offset,
-                                           jpg_size=len(data),
-                                           **{k: e.get(k) for k in ("width", "height", "original_width",
-                                                                    "original_height", "img_sha256", "img_width",
-                                                                    "img_height", "img_error", "phash", "dhash")})
-                            else:
-                                reason = e.get("reason") or R.MISSING_FROM_OUTPUT
-                                message = f"{REASON_PREFIX}{reason}: stored" if ":" not in reason else \
-                                    (e.get("error_message") or reason)
-                                out.update(status="failed", error_message=message)
-                            out_rows.append(out)
+                with os.fdopen(fd, "wb") as f, UstarWriter(f) as tar, store.image_reader() as read_image:
+                    for row, e in zip(part, part_entries):
+                        out = {**row, "key": row["uid"]}
+                        if e["status"] == OK:
+                            data = read_image(e)
+                            offset = tar.add(f"{row['uid']}.{e.get('ext') or 'jpg'}", data, mode=0o644)
+                            out.update(status="success", error_message=None, jpg_offset=offset,
+                                       jpg_size=len(data),
+                                       **{k: e.get(k) for k in ("width", "height", "original_width",
+                                                                "original_height", "img_sha256", "img_width",
+                                                                "img_height", "img_error", "phash", "dhash")})
+                        else:
+                            reason = e.get("reason") or R.MISSING_FROM_OUTPUT
+                            message = f"{REASON_PREFIX}{reason}: stored" if ":" not in reason else \
+                                (e.get("error_message") or reason)
+                            out.update(status="failed", error_message=message)
+                        out_rows.append(out)
                 tar_uri = storage.join(self.output, f"{name}.tar")
                 storage.write_file_atomic(tar_uri, tmp)
             finally:

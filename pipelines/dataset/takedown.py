@@ -181,15 +181,28 @@ def record(directory: str, kind: str, source: str) -> dict:
     return {**doc, "file": uri}
 
 
+# What urlsplit reads a URL's netloc from: the scheme and the authority, up to the first "/", "?" or "#".
+_AUTHORITY = r"^(?P<a>[^/?#]*(?://[^/?#]*)?)"
+
+
 def blocked_mask(tds: TakedownSet, uids: pa.Array, urls: pa.Array) -> pa.Array:
-    """:meth:`TakedownSet.matches` of each (uid, url) row, column-wise (domains checked once per distinct URL)."""
+    """:meth:`TakedownSet.matches` of each (uid, url) row, column-wise: domains are checked once per distinct scheme
+    + authority prefix (the host is all they read), per URL only for the rare URLs urlsplit would clean first
+    (tabs, newlines, leading spaces or controls)."""
     mask = pc.is_in(uids, value_set=pa.array(sorted(tds.uids), pa.string()))
     if tds.urls:
         mask = pc.or_(mask, pc.is_in(urls, value_set=pa.array(sorted(tds.urls), pa.string())))
     if tds.domains and len(urls):
-        enc = urls.cast(pa.string()).dictionary_encode()
-        hits = pa.array([tds.domain_match(u) for u in enc.dictionary.to_pylist()], pa.bool_())
-        mask = pc.or_(mask, hits.take(enc.indices))
+        urls = urls.cast(pa.string())
+        prefix = pc.struct_field(pc.extract_regex(urls, _AUTHORITY), 0).dictionary_encode()
+        hits = pa.array([tds.domain_match(p) for p in prefix.dictionary.to_pylist()], pa.bool_())
+        by_prefix = hits.take(prefix.indices)
+        odd = pc.match_substring_regex(urls, r"[\t\n\r]|^[\x00-\x20]")
+        if pc.any(odd).as_py():
+            idx = pc.indices_nonzero(odd)
+            fixed = pa.array([tds.domain_match(u) for u in urls.take(idx).to_pylist()], pa.bool_())
+            by_prefix = pc.replace_with_mask(by_prefix, odd, fixed)
+        mask = pc.or_(mask, by_prefix)
     return pc.fill_null(mask, False)
 
 
