@@ -123,7 +123,7 @@ def test_filter_batch_equals_per_row_reference(params):
 
 def test_filter_batch_from_arrow_columns_equals_lists():
     rng = random.Random(4)
-    caps = [c for c in _caption_cases(rng)][:1200]
+    caps = [c for c in _caption_cases(rng)][:500]
     urls = [rng.choice(_url_cases(rng)) for _ in caps]
     rows = range(11, 11 + len(caps))
     from_lists = S.filter_batch(RawBatch(0, "f.parquet", 10, urls=list(urls), captions=list(caps), rows=list(rows)),

@@ -45,17 +45,8 @@ from pipelines.core.stage import Stage, StageResult
 from pipelines.core.table_ops import as_array, one_per_key
 from pipelines.core.ustar import UstarWriter
 from pipelines.dataset import takedown as TD
-from pipelines.dataset.crawl_store import (
-    META_COLUMNS,
-    OK,
-    BackoffPolicy,
-    CrawlStore,
-    FetchResult,
-    format_time,
-    hash_urls,
-    layout_fingerprint,
-    parse_time,
-)
+from pipelines.dataset.crawl_store import (META_COLUMNS, OK, BackoffPolicy, CrawlStore, FetchResult, format_time,
+                                           hash_urls, layout_fingerprint, parse_time)
 from schemas import conform
 from schemas import rejected as rejected_schema
 
