@@ -481,39 +481,45 @@ class CrawlStore:
     def delete(self, urls: Iterable[str], *, reason: str = R.TAKEDOWN) -> list[str]:
         """Delete the stored bytes of ``urls`` (takedowns): their packs are rewritten without them and the records
         become ``deleted`` (a later plan treats them as never fetched; keeping a taken-down URL out of a dataset
-        is the takedown list's job). Returns the URLs whose bytes were deleted. Idempotent."""
+        is the takedown list's job). Returns the URLs whose bytes were deleted. Idempotent. Column-wise: one
+        pack's surviving records are Python objects at a time (a domain takedown can touch every pack)."""
         wanted = pc.unique(pa.array(list(urls), pa.string()))
         found = self.lookup(hash_urls(wanted))
         found = found.filter(pc.fill_null(pc.equal(as_array(found.column("status")), OK), False))
         self.gc()
         if not found.num_rows:
             return []
-        targets = {e["url_hash"]: e for e in found.to_pylist()}
         index = self.index_table()
-        affected = sorted({e["pack"] for e in targets.values()})
+        targets = as_array(found.column("url_hash"))
+        surviving = pc.and_(pc.equal(as_array(index.column("status")), OK),
+                            pc.invert(pc.is_in(as_array(index.column("url_hash")), value_set=targets)))
+        packs = as_array(index.column("pack"))
         seq = self._next_seq()
-        rows: list[dict] = []
+        pieces: list[pa.Table] = []
         old_packs = []
-        for pack_rel in affected:
-            in_pack = pc.and_(pc.fill_null(pc.equal(as_array(index.column("pack")), pack_rel), False),
-                              pc.equal(as_array(index.column("status")), OK))
-            keep = [e for e in index.filter(in_pack).to_pylist() if e["url_hash"] not in targets]
+        for pack_rel in sorted(pc.unique(as_array(found.column("pack"))).to_pylist()):
+            keep = index.filter(pc.and_(surviving, pc.fill_null(pc.equal(packs, pack_rel), False)))
             new_rel = f"packs/{seq:08d}.tar"
             seq += 1
-            if keep:
+            if keep.num_rows:
                 with self.image_reader() as read:
-                    members = [(f"{e['url_hash']}.{e['ext']}", read(e)) for e in keep]
+                    members = [(f"{e['url_hash']}.{e['ext']}", read(e)) for e in keep.to_pylist()]
                 offsets = self._write_pack(self._path(new_rel), members)
-                for e in keep:
-                    off, size = offsets[f"{e['url_hash']}.{e['ext']}"]
-                    rows.append({**e, "pack": new_rel, "offset": off, "size": size})
+                where = [offsets[name] for name, _data in members]
+                del members
+                keep = _replace(keep, pack=pa.array([new_rel] * keep.num_rows, pa.string()),
+                                offset=pa.array([o for o, _n in where], pa.int64()),
+                                size=pa.array([n for _o, n in where], pa.int64()))
+                pieces.append(keep)
             old_packs.append(self._path(pack_rel))
-        for e in targets.values():
-            rows.append({**e, "status": DELETED, "reason": reason, "pack": None, "offset": None, "size": None})
-        self._write_segment(seq, rows)
+        n = found.num_rows
+        pieces.append(_replace(found, status=pa.array([DELETED] * n, pa.string()),
+                               reason=pa.array([reason] * n, pa.string()), pack=pa.nulls(n, pa.string()),
+                               offset=pa.nulls(n, pa.int64()), size=pa.nulls(n, pa.int64())))
+        self._write_segment(seq, pa.concat_tables(pieces))
         for uri in old_packs:
             storage.delete(uri)
-        return sorted(e["url"] for e in targets.values())
+        return sorted(found.column("url").to_pylist())
 
     def gc(self) -> list[str]:
         """Delete packs no current record points at (left by a killed write or an earlier delete)."""
@@ -556,10 +562,19 @@ class CrawlStore:
         storage.write_bytes_atomic(uri, buf.getvalue())
         return offsets
 
-    def _write_segment(self, seq: int, rows: list[dict]) -> None:
-        table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    def _write_segment(self, seq: int, rows: list[dict] | pa.Table) -> None:
+        table = rows.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA) if isinstance(rows, pa.Table) else \
+            pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
         storage.write_table(self._path("index", f"seg-{seq:08d}.parquet"), table)
         if self._table is not None:  # the new rows replace their URLs' records in the cached index
             old = self._table.filter(pc.invert(pc.is_in(self._table.column("url_hash"),
                                                         value_set=table.column("url_hash"))))
             self._table = pa.concat_tables([old, table])
+
+
+def _replace(table: pa.Table, **columns: pa.Array) -> pa.Table:
+    """``table`` with the named columns replaced (same position and field)."""
+    for name, values in columns.items():
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, table.schema.field(i), values)
+    return table
