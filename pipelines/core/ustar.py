@@ -32,8 +32,9 @@ def _template() -> bytes:
 # The fields that are the same for every member this module writes, taken from tarfile's own header: uid and gid
 # (bytes 108-124) and everything after the checksum (typeflag "0", empty linkname, magic, empty uname/gname,
 # device fields, empty prefix, padding).
-_UID_GID = _template()[108:124]
-_TAIL = _template()[156:]
+_TEMPLATE = _template()
+_UID_GID = _TEMPLATE[108:124]
+_TAIL = _TEMPLATE[156:]
 _FIXED_SUM = sum(_UID_GID) + 8 * 32 + sum(_TAIL)  # the checksum field counts as eight spaces
 
 
@@ -69,8 +70,10 @@ class UstarWriter:
         """Write one member; returns the file offset of its data."""
         head = header(name, len(data), mode=mode, mtime=mtime)
         pad = -len(data) % BLOCK
-        self.fileobj.write(head + data + b"\x00" * pad if len(data) < 65536 else head)
-        if len(data) >= 65536:
+        if len(data) < 65536:  # one write for a small member; no copy of a large one
+            self.fileobj.write(head + data + b"\x00" * pad)
+        else:
+            self.fileobj.write(head)
             self.fileobj.write(data)
             self.fileobj.write(b"\x00" * pad)
         start = self.offset + len(head)
