@@ -23,8 +23,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/clipline demo --out demo_out
 
+# Two test processes (pytest-xdist): a file's tests stay on one worker, the synthetic build's files share one.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/curate_bench.py

@@ -11,6 +11,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Prefect configures its logging once per process, on first import, bound to the sys.stderr of that moment. Imported
+# here, that is the session's stream; imported first inside a CLI test (typer's CliRunner swaps sys.stderr for a
+# stream it closes afterwards), every later flow run of the process would log to a closed file.
+import prefect.main  # noqa: E402,F401 - "import prefect" alone defers the set-up
+
 from tests.s3_fixtures import *  # noqa: E402,F401,F403 - session-scoped moto server fixtures
 from tests.dask_fixtures import dask_cluster  # noqa: E402,F401 - a real 2-worker dask cluster
 from tests.pg_fixtures import *  # noqa: E402,F401,F403 - PostgreSQL + Prefect server fixtures
@@ -113,3 +118,33 @@ def synth_build(prefect_server, synth_web_small, tmp_path_factory):
     synth_web_small["server"].reset_flaky()  # every build under test meets the web as a fresh crawler would
     summary = build_dataset(synth_build_config(synth_web_small, out))
     return out, summary
+
+
+
+# Files whose tests share the session's synthetic build: one xdist group, so that build is made once (by one worker).
+_SYNTH_BUILD_FILES = {"test_build_clip_filter.py", "test_build_flow.py", "test_dask_runner.py", "test_e2e_flow.py",
+                      "test_prefect_server.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n N --dist loadgroup`` (``make test``): a file's tests stay on one worker (its module fixtures are
+    made once), the files that share the synthetic build stay together, and the long groups are handed out first
+    (the synthetic build's, then the files marked slow) so that no worker starts one near the end. A test's own
+    xdist_group mark wins. Without xdist, nothing changes."""
+    if not config.getoption("loadgroup", False):
+        return
+    rank: dict[str, int] = {}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            name = item.path.name
+            item.add_marker(pytest.mark.xdist_group("synth_build" if name in _SYNTH_BUILD_FILES else name))
+        group = _group(item)
+        slow = 0 if group == "synth_build" else 1 if item.get_closest_marker("slow") else 2
+        rank[group] = min(rank.get(group, 2), slow)
+    items.sort(key=lambda item: rank[_group(item)])  # a stable sort: the order within a file is kept
+
+
+def _group(item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
