@@ -433,3 +433,21 @@ def test_a_recrawled_uid_counts_once_where_its_final_outcome_is(tmp_path):
     assert final_outcomes([round0, round1, again], rounds=[0, 1, 2]) == outcomes
     assert final_outcomes([round0, round1], rounds=[0, 1]) == {"a": round1[0], "c": round1[0]}
     assert final_outcomes([round0], rounds=[0]) == {}
+
+
+def test_write_rows_orders_by_key_and_breaks_ties_on_the_whole_row(tmp_path):
+    """The pool files' order never depends on arrival: by uid, rows without one last, equal uids by their content."""
+    import json
+
+    from pipelines.images.stage import write_rows
+
+    schema = pa.schema([pa.field("uid", pa.string()), pa.field("reason", pa.string()), pa.field("n", pa.int64())])
+    rng = random.Random(5)
+    rows = [{"uid": rng.choice(["a", "b", "c", None]), "reason": rng.choice(["x", "y", None]), "n": rng.randrange(4)}
+            for _ in range(300)]
+    expected = sorted(rows, key=lambda r: (r["uid"] is None, r["uid"] or 0, json.dumps(r, sort_keys=True)))
+    written = []
+    for i in range(3):
+        rng.shuffle(rows)
+        written.append(pq.read_table(write_rows(str(tmp_path / f"{i}.parquet"), rows, schema)).to_pylist())
+    assert written[0] == written[1] == written[2] == expected

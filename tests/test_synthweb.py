@@ -243,3 +243,34 @@ def test_synthweb_main_returns_paths_and_reuses_a_complete_web(tmp_path):
     assert again == paths and paths["summary"].stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="n_pairs"):
         synthweb_main(tmp_path / "x", n_pairs=0)
+
+
+def _phash_neighbours(root: Path, radius: int = 4) -> tuple[int, int]:
+    """(originals within ``radius`` of another original's pHash, originals) among the served pictures."""
+    import imagehash
+
+    t = pq.read_table(root / "raw" / "pairs.parquet").to_pandas()
+    routes = json.loads((root / "site" / "routes.json").read_text())["routes"]
+    rows = t[(t.failure_mode == "ok") & (t.dup_kind == "") & (t.contaminates == "")]
+    hashes = [imagehash.phash(Image.open(root / routes[p]["file"])) for p in rows.path]
+    close = sum(any(h - o <= radius for j, o in enumerate(hashes) if j != i) for i, h in enumerate(hashes))
+    return close, len(hashes)
+
+
+def test_room_backgrounds_keep_distinct_pictures_distinct_to_phash(tmp_path):
+    """On flat tints, pictures of one concept and position are pHash look-alikes; on rooms of their own they are not
+    (the images stage keeps them apart), and a room web is as deterministic as a flat one."""
+    flat, room, again = tmp_path / "flat", tmp_path / "room", tmp_path / "again"
+    generate_web(flat, 400, seed=2, failure_rate=0.0, min_per_failure_mode=0, heldout_per_class=1)
+    generate_web(room, 400, seed=2, failure_rate=0.0, min_per_failure_mode=0, heldout_per_class=1,
+                 backgrounds="room")
+    generate_web(again, 400, seed=2, failure_rate=0.0, min_per_failure_mode=0, heldout_per_class=1,
+                 backgrounds="room")
+    assert _tree_digest(room) == _tree_digest(again)
+    assert json.loads((room / "synthweb.json").read_text())["params"]["backgrounds"] == "room"
+    assert "backgrounds" not in json.loads((flat / "synthweb.json").read_text())["params"]  # older webs stay valid
+    (flat_close, n), (room_close, n_room) = _phash_neighbours(flat), _phash_neighbours(room)
+    assert n == n_room > 300
+    assert room_close <= 0.02 * n < flat_close, (flat_close, room_close, n)
+    with pytest.raises(ValueError, match="backgrounds"):
+        generate_web(tmp_path / "bad", 10, backgrounds="wallpaper")

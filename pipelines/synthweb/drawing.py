@@ -1,7 +1,7 @@
 """Procedural drawing of synthetic-web scenes: 1-3 coloured, textured shapes on a light background (PIL).
 
 Two styles: :func:`render` draws web pictures (shapes at the named position their caption states, on a flat noisy
-tint); :func:`render_heldout` draws the evaluation split (free placement, small rotations, a shaded background), so
+tint, or with ``room=True`` on a shaded room of the picture's own); :func:`render_heldout` draws the evaluation split (free placement, small rotations, a shaded background), so
 evaluation pictures of a concept are the same concept to a model but not look-alikes of its web pictures.
 """
 from __future__ import annotations
@@ -136,14 +136,24 @@ def _centres(rng: np.random.Generator, scene: Scene, W: int, H: int) -> list[tup
     return out
 
 
-def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
-    """Draw ``scene`` with randomness (background, jitter, placement) from ``rng``."""
+def render(scene: Scene, rng: np.random.Generator, room: bool = False) -> Image.Image:
+    """Draw ``scene`` with randomness (background, jitter, placement) from ``rng``.
+
+    The flat tint makes the pictures of one concept and position look alike to a perceptual hash (on a web of
+    a few thousand pictures, a third or more fall within a pHash radius of 4 of another); ``room=True`` puts each
+    picture on a :func:`_shaded_background` of its own, so distinct pictures stay distinct to pHash, as photos of
+    the real web do."""
     W, H = scene.width * SUPERSAMPLE, scene.height * SUPERSAMPLE
-    bg_rgb = rng.integers(205, 250, size=3)
-    # Background: a light tint with mild per-pixel noise (drawn at final size, then upscaled: cheap).
-    noise = rng.normal(0, 6, size=(scene.height, scene.width, 1))
-    bg = np.clip(bg_rgb[None, None, :] + noise, 0, 255).astype(np.uint8)
-    canvas = Image.fromarray(bg, "RGB").resize((W, H), Image.NEAREST)
+    if room:
+        luma = 0.299 * scene.rgb[0] + 0.587 * scene.rgb[1] + 0.114 * scene.rgb[2]
+        bg = _shaded_background(rng, scene.width, scene.height, 70.0 if luma > 160 else 0.0)
+        canvas = Image.fromarray(bg, "RGB").resize((W, H), Image.BILINEAR)
+    else:
+        bg_rgb = rng.integers(205, 250, size=3)
+        # Background: a light tint with mild per-pixel noise (drawn at final size, then upscaled: cheap).
+        noise = rng.normal(0, 6, size=(scene.height, scene.width, 1))
+        bg = np.clip(bg_rgb[None, None, :] + noise, 0, 255).astype(np.uint8)
+        canvas = Image.fromarray(bg, "RGB").resize((W, H), Image.NEAREST)
     jitter = rng.integers(-18, 19, size=3)
     rgb = np.clip(np.array(scene.rgb) + jitter, 0, 255)
     mask_img = Image.new("L", (W, H), 0)

@@ -73,6 +73,7 @@ class WebParams:
     min_side: int = 96
     max_side: int = 192
     bomb_side: int = 30000
+    backgrounds: str = "flat"  # web pictures on a flat tint, or "room": a shaded room each (distinct to pHash)
 
     def __post_init__(self):
         if self.n_pairs < 1:
@@ -88,6 +89,8 @@ class WebParams:
             raise ValueError(f"contamination_rate must be in [0, 0.5], got {self.contamination_rate}")
         if self.min_contaminated < 0:
             raise ValueError(f"min_contaminated must be >= 0, got {self.min_contaminated}")
+        if self.backgrounds not in ("flat", "room"):
+            raise ValueError(f"backgrounds must be 'flat' or 'room', got {self.backgrounds!r}")
         if not 16 <= self.min_side <= self.max_side:
             raise ValueError(f"need 16 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
 
@@ -294,7 +297,8 @@ def _write_images(out: Path, params: WebParams, rows: list[_Row]) -> dict[str, d
 
     def original_jpeg(r: _Row) -> bytes:
         if r.index not in jpeg_of:
-            jpeg_of[r.index] = encode_jpeg(render(_scene(r), _rng(params.seed, "draw", r.index)))
+            jpeg_of[r.index] = encode_jpeg(render(_scene(r), _rng(params.seed, "draw", r.index),
+                                                  room=params.backgrounds == "room"))
         return jpeg_of[r.index]
 
     routes: dict[str, dict] = {}
@@ -469,7 +473,10 @@ def _counts(values: list[str]) -> dict[str, int]:
 
 
 def _params_json(params: WebParams) -> dict:
-    return json.loads(json.dumps(asdict(params), sort_keys=True))
+    d = asdict(params)
+    if d["backgrounds"] == "flat":  # the default is left out: webs written before the option existed stay complete
+        del d["backgrounds"]
+    return json.loads(json.dumps(d, sort_keys=True))
 
 
 def load_routes(root: str | os.PathLike) -> dict[str, dict]:
