@@ -413,11 +413,16 @@ def evaluate(ctx: typer.Context):
 def synthweb(out: Path = typer.Option(..., "--out", help="Directory of the synthetic web."),
              n_pairs: int = typer.Option(2000, help="Image-text pairs to generate."),
              seed: int = typer.Option(0), serve: bool = typer.Option(False, help="Serve it on 127.0.0.1 until Ctrl-C."),
-             port: int = typer.Option(8000, help="Port for --serve.")):
+             port: int = typer.Option(8000, help="Port for --serve."),
+             backgrounds: str = typer.Option("flat", help="Web pictures on a flat tint (look-alikes per concept) or "
+                                                          "'room': a shaded room each (distinct to pHash).")):
     """Generate the synthetic web (drawn images, multilingual captions, failure modes, held-out split)."""
     from pipelines.synthweb import SynthWebServer, synthweb_main
 
-    paths = synthweb_main(out, n_pairs=n_pairs, seed=seed)
+    try:
+        paths = synthweb_main(out, n_pairs=n_pairs, seed=seed, backgrounds=backgrounds)
+    except ValueError as exc:
+        _fail(f"synthweb: {exc}")
     for k, v in paths.items():
         typer.echo(f"{k:>14}: {v}")
     if serve:

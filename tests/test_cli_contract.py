@@ -137,3 +137,9 @@ def test_demo_starts_its_derived_outputs_over_when_the_web_moved(tmp_path):
     assert not any((tmp_path / name).exists() for name in DERIVED) and not (tmp_path / "report.html").exists()
     assert (tmp_path / "web" / "f").exists()
     assert not start_over_if_moved(tmp_path, "http://127.0.0.1:4001/a", "http://127.0.0.1:4002/a")  # nothing built
+
+
+def test_synthweb_names_a_bad_background_and_writes_nothing(tmp_path):
+    one_line_error(invoke("synthweb", "--out", str(tmp_path / "web"), "--n-pairs", "10", "--backgrounds", "wallpaper"),
+                   "backgrounds must be 'flat' or 'room'", "wallpaper")
+    assert not (tmp_path / "web").exists()

@@ -36,8 +36,8 @@ __all__ = [
 
 
 def synthweb_main(out_dir: str | os.PathLike, n_pairs: int = 2000, seed: int = 0,
-                  base_url: str | None = None) -> dict[str, Path]:
+                  base_url: str | None = None, backgrounds: str = "flat") -> dict[str, Path]:
     """CLI entry (``clipline synthweb``): generate a web and return its paths (root, pairs_parquet, pairs_tsv,
     routes, heldout, classes, summary). Without ``base_url`` the URL list points at a placeholder host until a
     server rewrites it (:meth:`SynthWebServer.materialise_url_list`)."""
-    return generate_web(out_dir, n_pairs=n_pairs, seed=seed, base_url=base_url)
+    return generate_web(out_dir, n_pairs=n_pairs, seed=seed, base_url=base_url, backgrounds=backgrounds)
