@@ -24,7 +24,8 @@ from pipelines.core.config import Config, check
 from pipelines.core.stage import MARKER, Stage, StageResult
 from pipelines.core.beam import make_options
 from pipelines.images.crawl_reader import crawl_shards
-from pipelines.images.transforms import OK, REJECTED, CheckImages, ExactDedup, NearDedup, ReadCrawl
+from pipelines.images.transforms import (OK, REJECTED, CheckImages, ExactDedup, NearDuplicateRoots, ReadCrawl,
+                                         near_duplicate_row)
 from schemas import conform
 from schemas import rejected as rejected_schema
 from schemas import sample as sample_schema
@@ -101,6 +102,13 @@ def read_rows(uris: Iterable[str], columns: list[str] | None = None) -> list[dic
     return out
 
 
+def _with_near_duplicates(grouped) -> list[dict]:
+    """One output file's rows, those with a near-duplicate root (all passed the exact dedup: status ok) rejected."""
+    roots = dict(grouped["roots"])
+    return [near_duplicate_row(r, roots[r["uid"]]) if r["status"] == "ok" and r["uid"] in roots else r
+            for r in grouped["rows"] if r is not None]
+
+
 def _bucket(uid: str, n: int) -> int:
     return int(hashlib.blake2b(uid.encode(), digest_size=8).hexdigest(), 16) % n
 
@@ -152,14 +160,16 @@ class ImagesStage(Stage):
             checked = records | "CheckImages" >> CheckImages(cfg.min_side, cfg.max_aspect, cfg.max_pixels,
                                                               cfg.batch_size, cfg.reduced_decode, cfg.exact_hashes)
             exact = checked[OK] | "ExactDedup" >> ExactDedup()
-            near = exact[OK] | "NearDedup" >> NearDedup(cfg.near_dup_radius)
-            every = ((near[OK], near[REJECTED], exact[REJECTED], checked[REJECTED]) | "AllRows" >> beam.Flatten())
+            # Near duplicates: only (uid, root) pairs travel; they meet their rows in the shuffle that groups the
+            # output files (one full-row shuffle instead of two: a join by uid, then the grouping by file).
+            roots = exact[OK] | "NearRoots" >> NearDuplicateRoots(cfg.near_dup_radius)
+            every = ((exact[OK], exact[REJECTED], checked[REJECTED]) | "AllRows" >> beam.Flatten())
             buckets = p | "Buckets" >> beam.Create([(i, None) for i in range(n_files)])  # empty files are written
             keyed = every | "ByFile" >> beam.Map(lambda r: (_bucket(r["uid"], n_files), r))
-            _ = ((keyed, buckets)
-                 | "WithEmpty" >> beam.Flatten()
-                 | "GroupFiles" >> beam.GroupByKey()
-                 | "WriteFile" >> beam.Map(lambda kv: write_rows(files[kv[0]], [r for r in kv[1] if r is not None],
+            _ = ({"rows": (keyed, buckets) | "WithEmpty" >> beam.Flatten(),
+                  "roots": roots | "RootsByFile" >> beam.Map(lambda kv: (_bucket(kv[0], n_files), kv))}
+                 | "GroupFiles" >> beam.CoGroupByKey()
+                 | "WriteFile" >> beam.Map(lambda kv: write_rows(files[kv[0]], _with_near_duplicates(kv[1]),
                                                                  sample_schema.SCHEMA)))
 
         rows = read_rows(files, columns=["uid", "url", "caption", "status", "stage", "reason", "source"])

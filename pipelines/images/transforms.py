@@ -170,7 +170,7 @@ def _apply_roots(item):
     rows, roots = list(grouped["row"]), list(grouped["root"])
     for row in rows:
         if roots:
-            yield pvalue.TaggedOutput(REJECTED, reject_row(row, "dedup", checks.NEAR_DUP, duplicate_of=roots[0]))
+            yield pvalue.TaggedOutput(REJECTED, near_duplicate_row(row, roots[0]))
         else:
             yield row
 
@@ -206,11 +206,12 @@ class NearComponents(beam.CombineFn):
         return near_dedup.flatten(parent)
 
 
-class NearDedup(beam.PTransform):
-    """pHash within ``radius`` bits: each connected component keeps its smallest uid; never all-pairs.
+class NearDuplicateRoots(beam.PTransform):
+    """pHash within ``radius`` bits -> ``(uid, root)`` for every uid that is not the smallest of its connected
+    component (root: that smallest uid). Only ``(block, (uid, phash))`` pairs and uids are shuffled, never rows.
 
     Candidate pairs come from multi-index hashing buckets (``radius + 1`` blocks, pigeonhole) and are verified by
-    their real distance. ``radius`` < 0 switches near dedup off.
+    their real distance; never all-pairs. ``radius`` < 0 switches near dedup off (no roots).
     """
 
     def __init__(self, radius: int = 4):
@@ -220,14 +221,33 @@ class NearDedup(beam.PTransform):
     def expand(self, rows):
         r = self.radius
         if r < 0:
-            return rows | "NoNearDedup" >> beam.FlatMap(lambda x: [x]).with_outputs(REJECTED, main=OK)
+            return rows | "NoRoots" >> beam.FlatMap(lambda x: [])
         edges = (rows
                  | "Blocks" >> beam.FlatMap(lambda x: [(b, (x["uid"], x["phash"])) for b in near_dedup.blocks(x["phash"], r)])
                  | "GroupBlocks" >> beam.GroupByKey()
                  | "VerifyPairs" >> beam.FlatMap(lambda kv: near_dedup.bucket_pairs(kv[0][0], list(kv[1]), r)))
-        roots = (edges
-                 | "Components" >> beam.CombineGlobally(NearComponents())
-                 | "Roots" >> beam.FlatMap(lambda parent: sorted(parent.items())))
+        return (edges
+                | "Components" >> beam.CombineGlobally(NearComponents())
+                | "Roots" >> beam.FlatMap(lambda parent: sorted(parent.items())))
+
+
+def near_duplicate_row(row: dict, root: str) -> dict:
+    return reject_row(row, "dedup", checks.NEAR_DUP, duplicate_of=root)
+
+
+class NearDedup(beam.PTransform):
+    """Rows -> OK (each near-duplicate component's smallest uid, and rows without near duplicates) and REJECTED
+    (``near_duplicate`` of that smallest uid): :class:`NearDuplicateRoots` joined back to the rows by uid. (The
+    images stage joins the roots in the shuffle that groups its output files instead, saving this one.)"""
+
+    def __init__(self, radius: int = 4):
+        super().__init__()
+        self.radius = radius
+
+    def expand(self, rows):
+        if self.radius < 0:
+            return rows | "NoNearDedup" >> beam.FlatMap(lambda x: [x]).with_outputs(REJECTED, main=OK)
+        roots = rows | "NearRoots" >> NearDuplicateRoots(self.radius)
         keyed = rows | "ByUid" >> beam.Map(lambda x: (x["uid"], x))
         return ({"row": keyed, "root": roots}
                 | "JoinRoots" >> beam.CoGroupByKey()
