@@ -120,25 +120,20 @@ def synth_build(prefect_server, synth_web_small, tmp_path_factory):
     return out, summary
 
 
-
-# Files whose tests share the session's synthetic build: one xdist group, so that build is made once (by one worker).
-_SYNTH_BUILD_FILES = {"test_build_clip_filter.py", "test_build_flow.py", "test_dask_runner.py", "test_e2e_flow.py",
-                      "test_prefect_server.py"}
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under ``-n N --dist loadgroup`` (``make test``): a file's tests stay on one worker (its module fixtures are
-    made once), the files that share the synthetic build stay together, and the long groups are handed out first
-    (the synthetic build's, then the files marked slow) so that no worker starts one near the end. A test's own
-    xdist_group mark wins. Without xdist, nothing changes."""
+    made once), the files with a test that uses the session's synthetic build (``synth_build``) stay together so
+    that build is made once, and the long groups are handed out first (the synthetic build's, then the files
+    marked slow) so that no worker starts one near the end. A test's own xdist_group mark wins. Without xdist,
+    nothing changes."""
     if not config.getoption("loadgroup", False):
         return
+    shared = {item.path for item in items if "synth_build" in getattr(item, "fixturenames", ())}
     rank: dict[str, int] = {}
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            name = item.path.name
-            item.add_marker(pytest.mark.xdist_group("synth_build" if name in _SYNTH_BUILD_FILES else name))
+            item.add_marker(pytest.mark.xdist_group("synth_build" if item.path in shared else item.path.name))
         group = _group(item)
         slow = 0 if group == "synth_build" else 1 if item.get_closest_marker("slow") else 2
         rank[group] = min(rank.get(group, 2), slow)
