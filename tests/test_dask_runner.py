@@ -44,7 +44,7 @@ def test_runner_names():
     assert resolve_runner("DaskRunner") == resolve_runner("dask")
     # Beam's own class path is routed to the fixed runner (Beam's mixes outputs; see pipelines/core/dask_runner.py)
     assert resolve_runner("apache_beam.runners.dask.dask_runner.DaskRunner") == resolve_runner("dask")
-    assert resolve_runner("direct") == "DirectRunner"
+    assert resolve_runner("direct") == "pipelines.core.direct_runner.DirectRunner"
 
 
 def test_tagged_outputs_finish_bundle_and_every_branch_run_on_dask(dask_cluster, s3_bucket):

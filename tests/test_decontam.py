@@ -159,7 +159,7 @@ def test_index_round_trip(tmp_path, index):
 
 def test_beam_decontaminate_on_direct_runner(tmp_path, eval_images):
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipelines.core.beam import make_options
     from apache_beam.testing.util import assert_that, equal_to
 
     folder = tmp_path / "evalset" / "only"
@@ -173,7 +173,7 @@ def test_beam_decontaminate_on_direct_runner(tmp_path, eval_images):
                {"uid": "u-copy5", "jpg": jpeg_bytes(augment.apply("mirror", eval_images["e5"], rng))},
                {"uid": "u-bad", "jpg": b"\xff\xd8broken"}]
     records += [{"uid": f"u-other{i}", "jpg": jpeg_bytes(scene(500 + i))} for i in range(6)]
-    with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as p:
+    with beam.Pipeline(options=make_options()) as p:
         out = p | beam.Create(records) | Decontaminate(index_path)
         assert_that(out.kept | "KeptUids" >> beam.Map(lambda r: r["uid"]),
                     equal_to([f"u-other{i}" for i in range(6)]), label="kept")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
+from pipelines.core.beam import make_options
 from pipelines.images import fast_hash
 from pipelines.images.stage import ImagesConfig
 
@@ -169,7 +170,7 @@ def test_check_images_transform_with_luma_hashes(photo_jpegs):
     datas = photo_jpegs[:8]
     expected = fast_hash.hashes_from_jpeg_bytes(datas, decode="luma")
     records = [{"uid": f"u{i}", "status": "success", "image": d} for i, d in enumerate(datas)]
-    with TestPipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])) as p:
+    with TestPipeline(options=make_options()) as p:
         out = (p | beam.Create(records)
                | CheckImages(min_side=32, batch_size=4, exact_hashes=False))
         assert_that(out[OK] | beam.Map(lambda r: (r["uid"], r["phash"], r["dhash"])),

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from pipelines.balance import metaclip as balance
 from pipelines.core import storage
+from pipelines.core.beam import make_options
 from pipelines.images import checks, near_dedup
 from pipelines.balance.stage import kept_uids, rebalance
 from pipelines.images.stage import ImagesConfig, process_images, read_rows
@@ -261,7 +262,7 @@ def test_check_images_transform_tags_reasons():
         {"uid": "d", "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found", "image": None},
         {"uid": "e", "status": "success", "image": _jpeg(draw_image(6, (200, 40)))},
     ]
-    with TestPipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])) as p:
+    with TestPipeline(options=make_options()) as p:
         out = p | beam.Create(recs) | CheckImages(min_side=32, max_aspect=3.0)
         assert_that(out[OK] | "okuids" >> beam.Map(lambda r: (r["uid"], r["sha256"], r["phash"] is not None)),
                     equal_to([("a", checks.sha256_hex(good), True)]), label="ok")
@@ -281,7 +282,7 @@ def test_near_dedup_transform_matches_pure_search():
         if i % 7 == 0:
             rows.append({"uid": f"w{i:03d}", "phash": h ^ (1 << rng.randrange(64)) ^ (1 << rng.randrange(64))})
     expected_removed = _brute_components([(r["uid"], r["phash"]) for r in rows], RADIUS)
-    with TestPipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])) as p:
+    with TestPipeline(options=make_options()) as p:
         out = p | beam.Create(rows) | NearDedup(RADIUS)
         assert_that(out[REJECTED] | beam.Map(lambda r: (r["uid"], r["duplicate_of"])),
                     equal_to(sorted(expected_removed.items())), label="removed")

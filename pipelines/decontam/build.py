@@ -66,16 +66,12 @@ class _MatchChunk(beam.DoFn):
         self.index = None
 
     def setup(self):
-        import tempfile
-
         from pipelines.decontam.detector import EvalIndex
 
-        # each worker copies the index to its local disk once (it may live on S3) and loads it from there
-        self._tmp = tempfile.mkdtemp(prefix="clipline-index-")
-        local = os.path.join(self._tmp, "index.npz")
-        with open(local, "wb") as f:
-            f.write(storage.read_bytes(self.index_uri))
-        self.index = EvalIndex.load(local)
+        # each worker reads the index once, straight into memory, from its URI (local or s3://); a learned
+        # near-duplicate net saved next to it comes with it. (It used to be copied to a temporary directory
+        # per worker that was never removed: 4 MB left in /tmp per worker and run.)
+        self.index = EvalIndex.load(self.index_uri)
 
     def process(self, chunk):
         from pipelines.decontam.detector import DetectorConfig
