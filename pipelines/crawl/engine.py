@@ -202,11 +202,12 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
               progress: ProgressHook | None = None, total: int = 0, before: dict | None = None) -> None:
     """Crawl the shards of ``url_list`` not in ``done_shards``; each finished shard is published to
     ``publish_dir``. ``staging`` is a local directory this round may use (emptied first)."""
-    from img2dataset.distributor import multiprocessing_distributor, pyspark_distributor
+    from img2dataset.distributor import pyspark_distributor
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
 
     from pipelines.crawl.image_helper import SharedHelpers
+    from pipelines.crawl.processes import multiprocessing_distributor  # img2dataset's, its processes without torch
     from pipelines.crawl.processing import PixelLimitResizer
     from pipelines.crawl.robots_prefetch import RobotsPrefetch
     from pipelines.crawl.robots_store import RobotsStore

@@ -470,29 +470,12 @@ class SharedHelpers:
 # ------------------------------------------------------------------------------------------------ helper side
 
 
-def _bare_img2dataset_package() -> None:
-    """Let ``img2dataset.resizer`` be imported without img2dataset's ``__init__`` (which imports its downloader,
-    writers, webdataset and torch: 2 s of a helper's start for modules it never uses). Only in a helper process."""
-    import importlib.util
-    import types
-
-    if "img2dataset" in sys.modules:
-        return
-    spec = importlib.util.find_spec("img2dataset")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    package = types.ModuleType("img2dataset")
-    package.__path__ = list(spec.submodule_search_locations)
-    package.__spec__ = spec
-    package.__file__ = spec.origin
-    sys.modules["img2dataset"] = package
-
-
 def _prepare(settings_conn: Connection) -> ProcessingSettings:
     """The helper's imports and settings (before it says READY)."""
+    from pipelines.crawl.processes import start_crawl_process
     from pipelines.crawl.processing import install_limits, quiet_resizer
 
-    _bare_img2dataset_package()
+    start_crawl_process()  # img2dataset.resizer without img2dataset's __init__, and never torch
     settings: ProcessingSettings = pickle.loads(settings_conn.recv_bytes())
     install_limits(settings.max_image_pixels)
     quiet_resizer()
