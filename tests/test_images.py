@@ -452,3 +452,53 @@ def test_write_rows_orders_by_key_and_breaks_ties_on_the_whole_row(tmp_path):
         rng.shuffle(rows)
         written.append(pq.read_table(write_rows(str(tmp_path / f"{i}.parquet"), rows, schema)).to_pylist())
     assert written[0] == written[1] == written[2] == expected
+
+
+def test_dedup_on_keys_gives_the_rows_exact_then_near_dedup_gives(tmp_path):
+    """The images stage decides exact and near duplicates on keys and applies them in its by-file grouping
+    (ExactDuplicateKeys + NearDuplicateRoots + _with_duplicates); the result equals ExactDedup then NearDedup on
+    whole rows, including a uid that appears twice with the same image."""
+    import json
+
+    from pipelines.images.stage import _with_duplicates
+    from pipelines.images.transforms import DUPLICATES, ExactDedup, ExactDuplicateKeys, NearDuplicateRoots
+
+    rng = random.Random(5)
+    shas = [f"{i:064x}" for i in range(25)]
+    phash_of = {s: rng.getrandbits(64) for s in shas}
+    for s in shas[1::4]:  # near duplicates of another image
+        phash_of[s] = phash_of[shas[0]] ^ (1 << rng.randrange(64))
+    rows = []
+    for i in range(120):
+        sha = rng.choice(shas)
+        rows.append({"uid": f"u{i:03d}", "sha256": sha, "phash": phash_of[sha], "status": "ok", "stage": None,
+                     "reason": None, "duplicate_of": None})
+    rows.append(dict(rows[7]))  # one uid twice with the same image: one of the two is kept
+    rows.append({"uid": "z", "sha256": None, "phash": None, "status": "rejected", "stage": "images",
+                 "reason": checks.DECODE_ERROR, "duplicate_of": None})
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    bad_rows = [r for r in rows if r["status"] != "ok"]
+
+    def dumps(r):
+        return json.dumps(r, sort_keys=True)
+
+    with TestPipeline(options=make_options()) as p:
+        ok = p | beam.Create(ok_rows)
+        exact = ok | ExactDedup()
+        near = exact[OK] | NearDedup(RADIUS)
+        _ = ((near[OK], near[REJECTED], exact[REJECTED], p | "bad" >> beam.Create(bad_rows)) | beam.Flatten()
+             | beam.Map(dumps) | beam.io.WriteToText(str(tmp_path / "old"), shard_name_template=""))
+    old = (tmp_path / "old").read_text().splitlines()
+    assert len(old) == len(rows)
+    assert any('"exact_duplicate"' in x for x in old) and any('"near_duplicate"' in x for x in old)
+    assert sum('"exact_duplicate"' in x and '"u007"' in x.split('"uid": ')[1][:6] for x in old) == 1
+
+    with TestPipeline(options=make_options()) as p:
+        ok = p | beam.Create(ok_rows)
+        kept = ok | ExactDuplicateKeys()
+        roots = kept[OK] | NearDuplicateRoots(RADIUS)
+        new = ({"rows": (ok, p | "bad" >> beam.Create(bad_rows)) | beam.Flatten() | beam.Map(lambda r: (0, r)),
+                "roots": roots | "rk" >> beam.Map(lambda kv: (0, kv)),
+                "dups": kept[DUPLICATES] | "dk" >> beam.Map(lambda kv: (0, kv))}
+               | beam.CoGroupByKey() | beam.FlatMap(lambda kv: _with_duplicates(kv[1])))
+        assert_that(new | "d" >> beam.Map(dumps), equal_to(old))

@@ -24,8 +24,8 @@ from pipelines.core.config import Config, check
 from pipelines.core.stage import MARKER, Stage, StageResult
 from pipelines.core.beam import make_options
 from pipelines.images.crawl_reader import crawl_shards
-from pipelines.images.transforms import (OK, REJECTED, CheckImages, ExactDedup, NearDuplicateRoots, ReadCrawl,
-                                         near_duplicate_row)
+from pipelines.images.transforms import (DUPLICATES, OK, REJECTED, CheckImages, ExactDuplicateKeys,
+                                         NearDuplicateRoots, ReadCrawl, exact_duplicate_row, near_duplicate_row)
 from schemas import conform
 from schemas import rejected as rejected_schema
 from schemas import sample as sample_schema
@@ -102,11 +102,27 @@ def read_rows(uris: Iterable[str], columns: list[str] | None = None) -> list[dic
     return out
 
 
-def _with_near_duplicates(grouped) -> list[dict]:
-    """One output file's rows, those with a near-duplicate root (all passed the exact dedup: status ok) rejected."""
-    roots = dict(grouped["roots"])
-    return [near_duplicate_row(r, roots[r["uid"]]) if r["status"] == "ok" and r["uid"] in roots else r
-            for r in grouped["rows"] if r is not None]
+def _with_duplicates(grouped) -> list[dict]:
+    """One output file's rows with the dedup decisions made on keys applied: an ``ok`` row whose (uid, sha256) has
+    a kept uid is an exact duplicate of it (where that is its own uid, the first such row is kept); an ``ok`` row
+    that survives with a near-duplicate root is a near duplicate of that root."""
+    dups, roots = dict(grouped["dups"]), dict(grouped["roots"])
+    out, kept_own = [], set()
+    for r in grouped["rows"]:
+        if r is None:
+            continue
+        if r["status"] == "ok":
+            uid = r["uid"]
+            keeper = dups.get((uid, r["sha256"]))
+            if keeper is not None and (keeper != uid or (uid, r["sha256"]) in kept_own):
+                r = exact_duplicate_row(r, keeper)
+            else:
+                if keeper is not None:
+                    kept_own.add((uid, r["sha256"]))
+                if uid in roots:
+                    r = near_duplicate_row(r, roots[uid])
+        out.append(r)
+    return out
 
 
 def _bucket(uid: str, n: int) -> int:
@@ -159,17 +175,18 @@ class ImagesStage(Stage):
             records = p | "ReadCrawl" >> ReadCrawl(crawl_dir)
             checked = records | "CheckImages" >> CheckImages(cfg.min_side, cfg.max_aspect, cfg.max_pixels,
                                                               cfg.batch_size, cfg.reduced_decode, cfg.exact_hashes)
-            exact = checked[OK] | "ExactDedup" >> ExactDedup()
-            # Near duplicates: only (uid, root) pairs travel; they meet their rows in the shuffle that groups the
-            # output files (one full-row shuffle instead of two: a join by uid, then the grouping by file).
-            roots = exact[OK] | "NearRoots" >> NearDuplicateRoots(cfg.near_dup_radius)
-            every = ((exact[OK], exact[REJECTED], checked[REJECTED]) | "AllRows" >> beam.Flatten())
+            # Exact and near duplicates are decided on keys (sha256, uid, pHash); the rows meet the decisions in
+            # the one shuffle that groups the output files (a row crosses one shuffle, not two).
+            kept = checked[OK] | "ExactKeys" >> ExactDuplicateKeys()
+            roots = kept[OK] | "NearRoots" >> NearDuplicateRoots(cfg.near_dup_radius)
+            every = (checked[OK], checked[REJECTED]) | "AllRows" >> beam.Flatten()
             buckets = p | "Buckets" >> beam.Create([(i, None) for i in range(n_files)])  # empty files are written
             keyed = every | "ByFile" >> beam.Map(lambda r: (_bucket(r["uid"], n_files), r))
             _ = ({"rows": (keyed, buckets) | "WithEmpty" >> beam.Flatten(),
-                  "roots": roots | "RootsByFile" >> beam.Map(lambda kv: (_bucket(kv[0], n_files), kv))}
+                  "roots": roots | "RootsByFile" >> beam.Map(lambda kv: (_bucket(kv[0], n_files), kv)),
+                  "dups": kept[DUPLICATES] | "DupsByFile" >> beam.Map(lambda kv: (_bucket(kv[0][0], n_files), kv))}
                  | "GroupFiles" >> beam.CoGroupByKey()
-                 | "WriteFile" >> beam.Map(lambda kv: write_rows(files[kv[0]], _with_near_duplicates(kv[1]),
+                 | "WriteFile" >> beam.Map(lambda kv: write_rows(files[kv[0]], _with_duplicates(kv[1]),
                                                                  sample_schema.SCHEMA)))
 
         rows = read_rows(files, columns=["uid", "url", "caption", "status", "stage", "reason", "source"])

@@ -152,7 +152,7 @@ def _keep_smallest_uid(item):
     rows = sorted(rows, key=lambda r: r["uid"])
     yield rows[0]
     for r in rows[1:]:
-        yield pvalue.TaggedOutput(REJECTED, reject_row(r, "dedup", checks.EXACT_DUP, duplicate_of=rows[0]["uid"]))
+        yield pvalue.TaggedOutput(REJECTED, exact_duplicate_row(r, rows[0]["uid"]))
 
 
 class ExactDedup(beam.PTransform):
@@ -163,6 +163,38 @@ class ExactDedup(beam.PTransform):
                 | "BySha" >> beam.Map(lambda r: (r["sha256"], r))
                 | "GroupSha" >> beam.GroupByKey()
                 | "KeepSmallest" >> beam.FlatMap(_keep_smallest_uid).with_outputs(REJECTED, main=OK))
+
+
+DUPLICATES = "duplicates"
+
+
+def _exact_decisions(item):
+    sha, members = item
+    members = sorted(members, key=lambda m: m[0])  # (uid, phash): the smallest uid is kept
+    keeper = members[0][0]
+    yield {"uid": keeper, "phash": members[0][1]}
+    for uid, _phash in members[1:]:
+        yield pvalue.TaggedOutput(DUPLICATES, ((uid, sha), keeper))
+
+
+class ExactDuplicateKeys(beam.PTransform):
+    """:class:`ExactDedup`'s decisions from keys alone: only ``(sha256, (uid, phash))`` is shuffled, never a row.
+
+    Main output: ``{"uid", "phash"}`` of each image's kept row (the smallest uid: what near dedup looks at next);
+    ``DUPLICATES``: ``((uid, sha256), kept uid)`` for every other row with that image. The images stage joins these
+    to the rows in the shuffle that groups its output files, so a row crosses one shuffle instead of two. (Where
+    one uid appears twice with the same image, the kept uid is its own: one of its rows is kept, as ExactDedup
+    does.)"""
+
+    def expand(self, rows):
+        return (rows
+                | "ShaKeys" >> beam.Map(lambda r: (r["sha256"], (r["uid"], r["phash"])))
+                | "GroupSha" >> beam.GroupByKey()
+                | "KeepSmallest" >> beam.FlatMap(_exact_decisions).with_outputs(DUPLICATES, main=OK))
+
+
+def exact_duplicate_row(row: dict, keeper: str) -> dict:
+    return reject_row(row, "dedup", checks.EXACT_DUP, duplicate_of=keeper)
 
 
 def _apply_roots(item):
