@@ -23,7 +23,7 @@ class _NoTorch(importlib.abc.MetaPathFinder):
         if fullname == "torch" or fullname.startswith("torch."):
             raise ModuleNotFoundError(f"No module named {fullname!r} (a crawl process does not import torch)",
                                       name=fullname)
-        return None
+        # anything else: not ours to find (None, the next finder looks)
 
 
 def block_torch() -> bool:
