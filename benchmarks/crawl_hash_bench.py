@@ -6,8 +6,8 @@ The published images are made as a crawl makes them: pictures of the synthetic w
 through img2dataset's Resizer (128 px, keep_ratio, JPEG quality 95). Two ways to compute their columns, alternated
 in one process, CPU per image (median of the runs):
 
-- ``pillow``: the columns as the crawl computed them until stop 20 (``checks.inspect_image`` decodes with Pillow,
-  ``convert("L")``, the LANCZOS matrices, the DCT);
+- ``pillow``: the columns as the crawl computed them until stop 20 (the same function with the OpenCV path off:
+  ``checks.inspect_image`` decodes with Pillow, ``convert("L")``, the LANCZOS matrices, the DCT);
 - ``opencv``: ``pipelines.crawl.processing.image_columns`` now (:data:`JPEG_GREY`: OpenCV decodes, Pillow converts).
 
 Every image's columns are compared between the two, and a sample with imagehash.
@@ -15,7 +15,6 @@ Every image's columns are compared between the two, and a sample with imagehash.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -32,19 +31,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def pillow_columns(img_str: bytes, max_pixels: int) -> dict:
-    """The columns as computed before (Pillow's decode)."""
-    from pipelines.decontam import hashing, lanczos
-    from pipelines.images import checks
+    """The columns as computed before: ``image_columns`` with the OpenCV path switched off (Pillow decodes)."""
+    from pipelines.crawl.processing import JPEG_GREY, image_columns
 
-    info = checks.inspect_image(img_str, max_pixels=max_pixels, decode="exact")
-    out = {"img_sha256": hashlib.sha256(img_str).hexdigest(), "img_width": info.width, "img_height": info.height,
-           "img_error": info.error, "phash": None, "dhash": None}
-    if info.error is None:
-        grey = info.image if info.image.mode == "L" else info.image.convert("L")
-        small_p, small_d = lanczos.resize_grey(grey, [(hashing.PHASH_SIZE, hashing.PHASH_SIZE), (9, 8)])
-        out["phash"] = int(hashing.phash64_from_grey(small_p[None])[0])
-        out["dhash"] = int(hashing.dhash64_from_grey(small_d[None])[0])
-    return out
+    JPEG_GREY.enabled = False
+    try:
+        return image_columns(img_str, max_pixels)
+    finally:
+        JPEG_GREY.enabled = True
 
 
 def published_images(n: int) -> list[bytes]:
@@ -80,10 +74,12 @@ def main(argv=None) -> int:
     images = published_images(args.pictures)
     differ = sum(pillow_columns(x, 64_000_000) != image_columns(x, 64_000_000) for x in images)
     sample = images[:: max(1, len(images) // 300)]
-    not_imagehash = sum(
-        image_columns(x, 64_000_000)["phash"] != int(str(imagehash.phash(Image.open(io.BytesIO(x)))), 16)
-        or image_columns(x, 64_000_000)["dhash"] != int(str(imagehash.dhash(Image.open(io.BytesIO(x)))), 16)
-        for x in sample)
+    def imagehash_columns(x: bytes) -> dict:
+        img = Image.open(io.BytesIO(x))
+        return {"phash": int(str(imagehash.phash(img)), 16), "dhash": int(str(imagehash.dhash(img)), 16)}
+
+    not_imagehash = sum({k: image_columns(x, 64_000_000)[k] for k in ("phash", "dhash")} != imagehash_columns(x)
+                        for x in sample)
     runs: dict[str, list[float]] = {"pillow": [], "opencv": []}
     fns = {"pillow": pillow_columns, "opencv": image_columns}
     for i in range(args.repeats):

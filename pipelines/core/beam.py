@@ -2,7 +2,7 @@
 
 ``direct`` is :class:`pipelines.core.direct_runner.DirectRunner`: Beam's DirectRunner (and Beam's default runner)
 first tries the Prism runner on every pipeline, downloading its binary from GitHub at run time (offline: a failed
-download, a leaked temp directory and ~0.2-1 s per pipeline, then the FnApiRunner); ours goes to the FnApiRunner
+download, a leaked temp directory and ~0.2 s of CPU per pipeline, then the FnApiRunner); ours goes to the FnApiRunner
 directly. ``workers > 1`` selects the multi-processing direct runner. Everything in ``extra`` is passed
 through untouched (``--project=... --region=... --temp_location=gs://...`` for Dataflow, ``--flink_master=...``,
 ``--dask_client_address=tcp://HOST:8786``; see infra/beam/README.md).

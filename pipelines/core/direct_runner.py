@@ -3,7 +3,8 @@
 Beam 2.77's ``DirectRunner`` (``SwitchingDirectRunner``) first tries the Prism runner on every pipeline: it walks
 the pipeline (a ``userstate.get_dofn_specs`` call per DoFn), starts a worker pool on localhost, makes a
 ``beam-temp*`` directory it never removes, and **downloads the Prism binary from GitHub**. Offline the download
-fails and the pipeline falls back to the FnApiRunner, ~0.2-1 s of CPU and one leaked directory per pipeline later;
+fails and the pipeline falls back to the FnApiRunner, ~0.2 s of CPU (measured on a small pipeline) and one leaked
+directory per pipeline later;
 online the pipeline runs on a binary fetched at run time, in another process, instead of the runner that was asked
 for. This runner does what the DirectRunner does after that attempt: the FnApiRunner (in_memory or
 multi_processing, from ``--direct_running_mode`` / ``--direct_num_workers``) with the pipeline's options in its

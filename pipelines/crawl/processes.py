@@ -1,14 +1,14 @@
 """The crawl's own processes start light: img2dataset's multiprocessing distributor with an initializer.
 
 A crawl worker process imports ``pipelines.crawl.worker``, which needs img2dataset's downloader and writer. Imported
-plainly that costs ~4.6 s of CPU and ~300 MB per process: img2dataset's package ``__init__`` imports all of
+plainly that costs ~4.6 s of CPU and 369 MiB per process: img2dataset's package ``__init__`` imports all of
 img2dataset (its reader with pandas, its resizer with albumentations, its distributors), and webdataset imports torch
 when torch is installed, only to subclass ``torch.utils.data.IterableDataset`` / ``DataLoader``, which a crawl never
 uses (webdataset has stand-ins for when torch is missing). img2dataset's distributor replaces its workers every 5
 shards, so a crawl paid that again and again. The worker processes of :func:`multiprocessing_distributor` run
 :func:`start_crawl_process` first, before any task is unpickled: ``import torch`` fails there with
 ``ModuleNotFoundError`` (webdataset takes its stand-ins) and ``img2dataset`` is a bare package whose submodules load
-on demand (~0.9 s of CPU for the same import, measured in docs/benchmarks_crawl.md). The image helpers do the same
+on demand: 1.1 s of CPU and 96 MiB per worker start (benchmarks/crawl_worker_start_bench.py). The image helpers do the same
 (``pipelines.crawl.image_helper``). Only processes that do nothing but crawl are started this way, never one that
 may train or evaluate; where torch or img2dataset are already imported, nothing changes.
 """

@@ -118,7 +118,8 @@ class _JpegGrey:
     """The published JPEG's grey image as imagehash sees it (``Image.open(...).convert("L")``), decoded by OpenCV
     (only ever given the crawl's own published image, which OpenCV encoded: 1 or 3 components, complete): the same
     libjpeg-turbo decode (integer IDCT, fancy upsampling) without Pillow's Python marker parser, then Pillow's own
-    RGB -> L conversion. 0.23 vs 0.39 ms for a 128 px thumbnail. Checked against Pillow's decode on the first
+    RGB -> L conversion: 0.23 vs 0.39 ms for the decode and conversion of a 128 px thumbnail (the whole columns:
+    0.84x the CPU, benchmarks/crawl_hash_bench.py). Checked against Pillow's decode on the first
     ``VERIFY_FIRST`` images of the process and every ``VERIFY_EVERY``-th after; after one difference the process
     uses Pillow only (counted in ``mismatches``), so a platform whose decoders disagree still gets imagehash's bits."""
 

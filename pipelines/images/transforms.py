@@ -147,24 +147,6 @@ class CheckImages(beam.PTransform):
                 .with_outputs(REJECTED, main=OK))
 
 
-def _keep_smallest_uid(item):
-    _sha, rows = item
-    rows = sorted(rows, key=lambda r: r["uid"])
-    yield rows[0]
-    for r in rows[1:]:
-        yield pvalue.TaggedOutput(REJECTED, exact_duplicate_row(r, rows[0]["uid"]))
-
-
-class ExactDedup(beam.PTransform):
-    """Rows with the same image sha256: keep the smallest uid, reject the others as ``exact_duplicate``."""
-
-    def expand(self, rows):
-        return (rows
-                | "BySha" >> beam.Map(lambda r: (r["sha256"], r))
-                | "GroupSha" >> beam.GroupByKey()
-                | "KeepSmallest" >> beam.FlatMap(_keep_smallest_uid).with_outputs(REJECTED, main=OK))
-
-
 DUPLICATES = "duplicates"
 
 
@@ -178,13 +160,13 @@ def _exact_decisions(item):
 
 
 class ExactDuplicateKeys(beam.PTransform):
-    """:class:`ExactDedup`'s decisions from keys alone: only ``(sha256, (uid, phash))`` is shuffled, never a row.
+    """Exact duplicates (the same image sha256): the smallest uid is kept, the others are ``exact_duplicate`` of it.
+    Decided from keys alone: only ``(sha256, (uid, phash))`` is shuffled, never a row.
 
-    Main output: ``{"uid", "phash"}`` of each image's kept row (the smallest uid: what near dedup looks at next);
+    Main output: ``{"uid", "phash"}`` of each image's kept row (what near dedup looks at next);
     ``DUPLICATES``: ``((uid, sha256), kept uid)`` for every other row with that image. The images stage joins these
-    to the rows in the shuffle that groups its output files, so a row crosses one shuffle instead of two. (Where
-    one uid appears twice with the same image, the kept uid is its own: one of its rows is kept, as ExactDedup
-    does.)"""
+    to the rows in the shuffle that groups its output files, so a row crosses one shuffle. (Where one uid appears
+    twice with the same image, the kept uid is its own: one of its rows is kept.)"""
 
     def expand(self, rows):
         return (rows
