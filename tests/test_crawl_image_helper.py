@@ -240,6 +240,33 @@ def test_shared_helpers_serve_several_pools_and_count_cpu_per_pool(settings):
     assert not shared.pids() and not os.path.exists(helper_dir)
 
 
+def test_images_handed_over_while_the_shared_helpers_start_wait_for_them(settings):
+    """The round's helpers are still importing when a crawl process hands over its first images: the images wait
+    for them (the crawl process does not load the resizer to do it itself); a pool that does not wait
+    (``start_wait_s=0``, as with private helpers) is told no helper is ready."""
+    from pipelines.crawl.image_helper import HelperUnavailable
+
+    bodies = _bodies()[:6]
+    local = [_comparable(process_body(settings, b)) for b in bodies]
+    shared = SharedHelpers(settings, 1)
+    impatient = waiting = None
+    try:
+        impatient = ImageHelperPool(settings, 1, shared=shared.addresses, start_wait_s=0)
+        waiting = ImageHelperPool(settings, 1, shared=shared.addresses)
+        assert waiting.start_wait_s > 0
+        with pytest.raises(HelperUnavailable):  # its helper is importing (~1 s): no answer to wait for
+            impatient.submit(bodies[0], lambda out: None)
+        with ThreadPoolExecutor(6) as ex:
+            remote = list(ex.map(lambda b: _comparable(waiting.process(b)), bodies))
+        assert remote == local
+        assert waiting.starts == 0 and waiting.shared_cpu_s() > 0  # the shared helper did them
+    finally:
+        for pool in (impatient, waiting):
+            if pool is not None:
+                pool.close()
+        shared.close()
+
+
 def test_a_dead_shared_helper_is_replaced_by_a_private_one_and_loses_no_image(settings):
     bodies = _bodies() * 5
     local = [_comparable(process_body(settings, b)) for b in bodies]

@@ -197,6 +197,29 @@ def _activate_spark_session() -> None:
     jcls.setActiveSession(session._jsparkSession)
 
 
+def make_downloader(config: CrawlConfig, *, column_list: list[str], out_dir: str, settings):
+    """The :class:`~pipelines.crawl.worker.CrawlDownloader` a round hands to img2dataset's distributor (pickled to
+    the crawl processes with every shard). Its resizer is img2dataset's Resizer behind the pixel limit, carried
+    as a :class:`~pipelines.crawl.processing.LazyResizer`: loaded only where it is called."""
+    from img2dataset.resizer import Resizer
+
+    from pipelines.crawl.processing import LazyResizer, PixelLimitResizer
+    from pipelines.crawl.worker import CrawlDownloader, CrawlShardWriter
+
+    resizer = Resizer(image_size=config.image_size, resize_mode=config.resize_mode,
+                      resize_only_if_bigger=config.resize_only_if_bigger, encode_quality=config.encode_quality,
+                      encode_format=config.encode_format, min_image_size=config.min_image_size,
+                      max_image_area=config.max_image_pixels)
+    return CrawlDownloader(
+        sample_writer_class=CrawlShardWriter,
+        resizer=LazyResizer(PixelLimitResizer(resizer, config.max_image_pixels)),
+        thread_count=config.thread_count, save_caption=True, extract_exif=False, output_folder=out_dir,
+        column_list=column_list, timeout=config.timeout, number_sample_per_shard=config.number_sample_per_shard,
+        oom_shard_count=OOM_SHARD_COUNT, compute_hash=config.compute_hash, verify_hash_type=None,
+        encode_format=config.encode_format, retries=config.retries, user_agent_token=config.user_agent_token,
+        disallowed_header_directives=list(config.disallowed_header_directives) or None, settings=settings)
+
+
 def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir: str, done_shards: set[int],
               additional_columns: list[str], staging: str, log_file: str,
               progress: ProgressHook | None = None, total: int = 0, before: dict | None = None) -> None:
@@ -204,15 +227,11 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
     ``publish_dir``. ``staging`` is a local directory this round may use (emptied first)."""
     from img2dataset.distributor import pyspark_distributor
     from img2dataset.reader import Reader
-    from img2dataset.resizer import Resizer
 
     from pipelines.crawl.image_helper import SharedHelpers
     from pipelines.crawl.processes import multiprocessing_distributor  # img2dataset's, its processes without torch
-    from pipelines.crawl.processing import PixelLimitResizer
     from pipelines.crawl.robots_prefetch import RobotsPrefetch
     from pipelines.crawl.robots_store import RobotsStore
-    from pipelines.crawl.worker import CrawlDownloader, CrawlShardWriter
-
     storage.delete_prefix(staging)
     out_dir, tmp_dir, progress_dir = (os.path.join(staging, d) for d in ("out", "_tmp", "_progress"))
     for d in (out_dir, tmp_dir, progress_dir):
@@ -226,19 +245,8 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
     with _chatter_to(log_file, config.max_image_pixels) as log:
         reader = Reader(local_list, "parquet", "url", "caption", None, None, list(additional_columns),
                         config.number_sample_per_shard, set(done_shards), tmp_dir)
-        resizer = Resizer(image_size=config.image_size, resize_mode=config.resize_mode,
-                          resize_only_if_bigger=config.resize_only_if_bigger, encode_quality=config.encode_quality,
-                          encode_format=config.encode_format, min_image_size=config.min_image_size,
-                          max_image_area=config.max_image_pixels)
-        downloader = CrawlDownloader(
-            sample_writer_class=CrawlShardWriter, resizer=PixelLimitResizer(resizer, config.max_image_pixels),
-            thread_count=config.thread_count, save_caption=True, extract_exif=False, output_folder=out_dir,
-            column_list=reader.column_list, timeout=config.timeout,
-            number_sample_per_shard=config.number_sample_per_shard, oom_shard_count=OOM_SHARD_COUNT,
-            compute_hash=config.compute_hash, verify_hash_type=None, encode_format=config.encode_format,
-            retries=config.retries, user_agent_token=config.user_agent_token,
-            disallowed_header_directives=list(config.disallowed_header_directives) or None,
-            settings=worker_settings(config, publish_dir, progress_dir, log_file))
+        downloader = make_downloader(config, column_list=reader.column_list, out_dir=out_dir,
+                                     settings=worker_settings(config, publish_dir, progress_dir, log_file))
         prefetch = None
         if config.respect_robots:
             # One robots.txt decision per host for the machine's crawl processes and the crawl's rounds, in the

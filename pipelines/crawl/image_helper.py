@@ -55,6 +55,11 @@ SEQ_BYTES = 8
 CPU_BYTES = 8
 READY = (1 << 64) - 1  # the seq of the helper's first message: imports done
 ANSWER_TIMEOUT_S = 300.0  # an image no helper answers within this is taken as stuck (the helper is killed)
+# How long a download thread waits for one of the round's shared helpers to finish starting before it processes
+# its image itself. They start before the round's first download and are ready ~1-2 s later; a crawl process
+# starts in ~0.6 s, and an image it processed itself would load img2dataset's resizer there (~1 s of CPU, again in
+# every replacement process). Private helpers start with their crawl process: there the threads do not wait.
+SHARED_START_WAIT_S = 30.0
 MAX_RESTARTS = 8  # helper starts after the first ones, per pool: beyond this the pool falls back to threads
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds the ``pipelines`` package
 
@@ -233,10 +238,12 @@ class ImageHelperPool:
     """``n`` helper processes for one crawl process; the download threads :meth:`submit` their bodies and go on
     downloading, the answers come back through callbacks (from the helpers' reader threads). With ``shared``
     addresses (the round's :class:`SharedHelpers`), the pool connects to those helpers instead of starting its
-    own; one that is gone or dies is replaced by a private helper of this process."""
+    own; one that is gone or dies is replaced by a private helper of this process. :meth:`submit` waits up to
+    ``start_wait_s`` for a helper that is still starting (default: :data:`SHARED_START_WAIT_S` with shared helpers,
+    0 with private ones)."""
 
     def __init__(self, settings: ProcessingSettings, n: int, name: str = "image-helper",
-                 shared: tuple[str, ...] = ()):
+                 shared: tuple[str, ...] = (), start_wait_s: float | None = None):
         if n < 1 and not shared:
             raise ValueError(f"ImageHelperPool needs at least one process, got {n}")
         self.settings = settings
@@ -244,6 +251,7 @@ class ImageHelperPool:
         self.name = name
         self.shared = tuple(shared)
         self.n = len(self.shared) or n
+        self.start_wait_s = (SHARED_START_WAIT_S if self.shared else 0.0) if start_wait_s is None else start_wait_s
         self.lock = threading.Lock()
         self.seq = itertools.count()
         self.helpers: list[_Helper] = []
@@ -300,12 +308,12 @@ class ImageHelperPool:
     def submit(self, data: bytes, done: Callable[[Processed | Exception], None]) -> None:
         """Hand ``data`` to a helper; ``done`` gets its :class:`~pipelines.crawl.processing.Processed` (or the
         exception ``process_body`` raised) later, from another thread. :class:`HelperUnavailable` when no helper
-        is ready (the caller processes the image itself). An image whose helper died is sent to another one
+        is ready within ``start_wait_s`` (the caller processes the image itself). An image whose helper died is sent to another one
         (waiting for it to start); an image that was with two helpers when they died, or that no other helper can
         take, is refused as ``decode_error`` and never processed in the crawl process (it may be an image that
         crashes the decoder)."""
         item = _Pending(next(self.seq), data, done)
-        helper = self._pick()
+        helper = self._pick(wait=self.start_wait_s > 0, timeout=self.start_wait_s)
         try:
             helper.submit(item)
         except _HelperDied as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+import types
 
 
 class _NoTorch(importlib.abc.MetaPathFinder):
@@ -53,9 +54,30 @@ def bare_img2dataset_package() -> None:
     sys.modules["img2dataset"] = package
 
 
+class _AbsentModule(types.ModuleType):
+    """Stands in for a module a crawl process imports but never uses (see :func:`stub_wandb`)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"module {self.__name__!r} is not loaded in a crawl process (asked for {name!r})")
+
+
+def stub_wandb() -> bool:
+    """Give ``import wandb`` a stand-in module in this process; False (nothing changed) where wandb is already
+    imported. img2dataset's downloader imports its logger, whose first line is ``import wandb`` (0.7 s of CPU:
+    pydantic models), only for the logger process of the main process, which runs wandb when asked to. A crawl
+    worker uses the logger's ``CappedCounter`` and nothing of wandb; any use of the stand-in fails loudly."""
+    if "wandb" in sys.modules:
+        return False
+    sys.modules["wandb"] = _AbsentModule("wandb", "stand-in: wandb is not used by a crawl process")
+    return True
+
+
 def start_crawl_process() -> None:
     """The initializer of the crawl's worker processes (and the first thing an image helper does)."""
     block_torch()
+    stub_wandb()
     bare_img2dataset_package()
 
 

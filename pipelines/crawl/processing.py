@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import threading
 import warnings
 from dataclasses import dataclass
@@ -62,6 +63,47 @@ class PixelLimitResizer:
                     f"more than max_image_pixels={self.max_pixels}")
         img_stream.seek(0)
         return self.resizer(img_stream, blurring_bbox_list)
+
+
+class LazyResizer:
+    """The crawl's resizer (a :class:`PixelLimitResizer` around img2dataset's Resizer) travelling as its pickle,
+    loaded where it is first called (after :func:`quiet_resizer`). A crawl worker process that hands its images to
+    the image helpers never calls it, so it never imports img2dataset's resizer module, whose albumentations import
+    costs ~1 s of CPU per process start (and img2dataset's distributor starts a new worker process every 5
+    shards). The helpers, and a worker that processes images itself, load it once per process."""
+
+    def __init__(self, resizer):
+        self._blob = pickle.dumps(resizer, protocol=pickle.HIGHEST_PROTOCOL)
+        self._resizer = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"blob": self._blob}
+
+    def __setstate__(self, state):
+        self._blob, self._resizer, self._lock = state["blob"], None, threading.Lock()
+
+    def __eq__(self, other):
+        return isinstance(other, LazyResizer) and other._blob == self._blob
+
+    def __hash__(self):
+        return hash(self._blob)
+
+    @property
+    def loaded(self) -> bool:
+        return self._resizer is not None
+
+    def load(self):
+        """The resizer itself (unpickled, img2dataset's resizer module imported and quietened, on first use)."""
+        if self._resizer is None:
+            with self._lock:
+                if self._resizer is None:
+                    quiet_resizer()
+                    self._resizer = pickle.loads(self._blob)
+        return self._resizer
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        return self.load()(img_stream, blurring_bbox_list)
 
 
 def install_limits(max_image_pixels: int) -> None:

@@ -48,7 +48,7 @@ from pipelines.core import reasons as R  # noqa: E402
 from pipelines.core import storage  # noqa: E402
 from pipelines.crawl import politeness as P  # noqa: E402
 from pipelines.crawl.image_helper import HelperUnavailable, ImageHelperPool  # noqa: E402
-from pipelines.crawl.processing import ProcessingSettings, install_limits, process_body, quiet_resizer  # noqa: E402
+from pipelines.crawl.processing import ProcessingSettings, install_limits, process_body  # noqa: E402
 from pipelines.crawl.reasons import http_reason, normalise_reason  # noqa: E402
 from pipelines.crawl.robots import fetch_robots  # noqa: E402
 from pipelines.crawl.robots_store import RobotsStore  # noqa: E402
@@ -298,8 +298,7 @@ class CrawlDownloader(Downloader):
 
     def __call__(self, row):
         _redirect_output(self.settings.log_file)
-        install_limits(self.settings.max_image_pixels)
-        quiet_resizer()
+        install_limits(self.settings.max_image_pixels)  # the resizer is loaded (and quietened) where first used
         try:
             self.download_shard(row)
             return (True, row)
