@@ -70,6 +70,10 @@ class CrawlConfig(Config):
 
     ``staging_dir``: local directory where a round's shards are written before being published to the crawl
     directory (default: the system temp directory); needed because the crawl directory may be ``s3://``.
+
+    ``url_list_part_rows``: a round-0 URL list of more candidates than this is built and read in parts of about
+    this many rows (uid ranges), so that neither the driver nor img2dataset's reader holds the whole list
+    (:mod:`pipelines.crawl.url_lists`; the parts go through ``staging_dir``). Up to it, the list is built whole.
     """
 
     image_size: int = 256
@@ -85,6 +89,7 @@ class CrawlConfig(Config):
     processes: int = 1
     thread_count: int = 32
     number_sample_per_shard: int = 10000
+    url_list_part_rows: int = 2_000_000
     allow_cidrs: tuple[str, ...] = ()
     max_image_pixels: int = 64_000_000
     max_image_bytes: int = 32 * 1024 * 1024
@@ -137,8 +142,9 @@ class CrawlConfig(Config):
             else:
                 check(value >= minimum, where, f"must be >= {minimum:g}, got {value!r}")
 
-        for name in ("image_size", "processes", "thread_count", "number_sample_per_shard", "max_image_pixels",
-                     "max_image_bytes", "per_host_connections", "host_failure_limit", "max_shard_retry"):
+        for name in ("image_size", "processes", "thread_count", "number_sample_per_shard", "url_list_part_rows",
+                     "max_image_pixels", "max_image_bytes", "per_host_connections", "host_failure_limit",
+                     "max_shard_retry"):
             number(name, integer=True, minimum=1)
         for name in ("min_image_size", "retries", "recrawl_rounds"):
             number(name, integer=True, minimum=0)

@@ -13,6 +13,8 @@ URLs that already timed out twice.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
@@ -20,9 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.core import storage
+from pipelines.crawl import url_lists
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.engine import ROBOTS_STORE, ProgressHook, run_round, staging_root
-from pipelines.crawl.host_order import spread_hosts
 from pipelines.crawl.reasons import RETRYABLE_REASONS
 from pipelines.crawl.results import map_outcomes, shard_stats
 from pipelines.crawl.robots_store import RobotsStore
@@ -103,10 +105,7 @@ def _url_list(table: pa.Table, prior_timeouts: list[int] | None = None) -> pa.Ta
     """A round's URL list: ``table``'s rows (in uid order) with each host's URLs spread evenly over the list, so
     that every shard holds its fair share of each host (``host_order.spread_hosts``)."""
     cols = ["url", "caption"] + [c for c in CARRIED_COLUMNS if c in table.column_names]
-    out = table.select(cols).replace_schema_metadata(None)
-    if prior_timeouts is not None:
-        out = out.append_column("prior_timeouts", pa.array(prior_timeouts, pa.int32()))
-    return out.take(pa.array(spread_hosts(out.column("url")), pa.int64()))
+    return url_lists.ordered(table, cols, None if prior_timeouts is None else pa.array(prior_timeouts, pa.int32()))
 
 
 def _same_rows(a: pa.Table, b: pa.Table) -> bool:
@@ -194,12 +193,48 @@ def crawl(candidates, crawl_dir: str | os.PathLike, config: CrawlConfig | None =
     unfinished. ``candidates``: candidate Parquet file(s), a directory of them, or a glob."""
     config = config or CrawlConfig()
     crawl_dir = str(crawl_dir)
-    _prepare_round(crawl_dir, 0, _url_list(read_candidates(candidates)), config)
+    files = candidate_files(candidates)
+    n_rows = url_lists.count_rows(files)
+    if n_rows <= config.url_list_part_rows:
+        _prepare_round(crawl_dir, 0, _url_list(read_candidates(files)), config)
+    else:  # a pool's worth of candidates: the list is built in parts, never whole (pipelines.crawl.url_lists)
+        _prepare_parted_round(crawl_dir, files, n_rows, config)
     return _run_round(crawl_dir, 0, config, progress, log_file)
 
 
-def retry_candidates(crawl_dir: str, before_round: int, reasons: Iterable[str] | str = "retryable") -> pa.Table:
-    """The failures of rounds before ``before_round`` to fetch again, sorted by uid, with their timeout counts."""
+def _prepare_parted_round(crawl_dir: str, files: list[str], n_rows: int, config: CrawlConfig) -> str:
+    """:func:`_prepare_round` for round 0 of more than ``url_list_part_rows`` candidates: the list is written (or,
+    when the round exists, built again beside it and compared) part by part."""
+    input_uri = meta_uri(crawl_dir, 0, "input.parquet")
+    columns = ["url", "caption", *CARRIED_COLUMNS]
+    root = staging_root(config, crawl_dir)
+    os.makedirs(root, exist_ok=True)
+    if storage.exists(input_uri):
+        check = os.path.join(root, "url-list-check.parquet")
+        try:
+            parts = url_lists.write_parted(files, check, columns, part_rows=config.url_list_part_rows,
+                                           n_rows=n_rows, tmp_dir=root)
+            same = url_lists.same_list(input_uri, check)
+        finally:
+            storage.delete(check)
+        if not same:
+            saved = load_round_config(crawl_dir, 0).url_list_part_rows if storage.exists(
+                meta_uri(crawl_dir, 0, "config.json")) else None
+            hint = (f"it was built with url_list_part_rows={saved}, now {config.url_list_part_rows}; use the same "
+                    f"value to resume it" if saved is not None and saved != config.url_list_part_rows else
+                    "use a new crawl directory for other candidates")
+            raise CrawlError(f"{crawl_dir}: round 0 was started with a different URL list ({input_uri}; the "
+                             f"candidates now give another one, in {parts} parts); {hint}")
+        _check_or_save_config(crawl_dir, 0, config)
+        return input_uri
+    _check_or_save_config(crawl_dir, 0, config)
+    url_lists.write_parted(files, input_uri, columns, part_rows=config.url_list_part_rows, n_rows=n_rows,
+                           tmp_dir=root)
+    return input_uri
+
+
+def _retry_filter(reasons: Iterable[str] | str):
+    """The function that keeps, of a part's failures, those to fetch again, with their timeout counts."""
     if reasons == "all":
         wanted = None
     else:
@@ -215,7 +250,47 @@ def retry_candidates(crawl_dir: str, before_round: int, reasons: Iterable[str] |
             keep = pc.and_(keep, pc.is_in(failed.column("reason"), value_set=wanted))
         return failed.filter(keep).append_column("prior_timeouts", timeouts.filter(keep))
 
-    return pa.concat_tables(map_outcomes(crawl_dir, to_retry, max_round=before_round - 1)).sort_by("uid")
+    return to_retry
+
+
+def retry_candidates(crawl_dir: str, before_round: int, reasons: Iterable[str] | str = "retryable") -> pa.Table:
+    """The failures of rounds before ``before_round`` to fetch again, sorted by uid, with their timeout counts."""
+    return pa.concat_tables(map_outcomes(crawl_dir, _retry_filter(reasons), max_round=before_round - 1)).sort_by("uid")
+
+
+def _prepare_retry_round(crawl_dir: str, round_no: int, reasons, config: CrawlConfig) -> None:
+    """A re-crawl round's URL list: the failures to fetch again, gathered part by part into local files; up to
+    ``url_list_part_rows`` of them listed whole as before, more in uid-range parts (:mod:`url_lists`)."""
+    root = staging_root(config, crawl_dir)
+    os.makedirs(root, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="clipline-retry-", dir=root)
+    try:
+        to_retry = _retry_filter(reasons)
+        files: list[str] = []
+        schemas: list[pa.Schema] = []
+
+        def kept(part) -> int:
+            table = to_retry(part)
+            schemas.append(table.schema)
+            if table.num_rows:
+                files.append(os.path.join(work, f"{len(files):06d}.parquet"))
+                pq.write_table(table, files[-1])
+            return table.num_rows
+
+        total = sum(map_outcomes(crawl_dir, kept, max_round=round_no - 1))
+        if total <= config.url_list_part_rows or not files:
+            retry = (pa.concat_tables([pq.read_table(f) for f in files]) if files
+                     else schemas[0].empty_table() if schemas
+                     else retry_candidates(crawl_dir, round_no, reasons)).sort_by("uid")
+            _prepare_round(crawl_dir, round_no, _url_list(retry, retry.column("prior_timeouts").to_pylist()), config)
+            return
+        _check_or_save_config(crawl_dir, round_no, config)
+        columns = ["url", "caption", *[c for c in CARRIED_COLUMNS if c in pq.read_schema(files[0]).names],
+                   "prior_timeouts"]
+        url_lists.write_parted(files, meta_uri(crawl_dir, round_no, "input.parquet"), columns,
+                               part_rows=config.url_list_part_rows, n_rows=total, tmp_dir=work, candidates=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def recrawl_failures(crawl_dir: str | os.PathLike, config: CrawlConfig | None = None, *, round_no: int = 1,
@@ -240,8 +315,7 @@ def recrawl_failures(crawl_dir: str | os.PathLike, config: CrawlConfig | None = 
     if round_no in rounds:  # the URL list is fixed once written: resume it as it is
         _check_or_save_config(crawl_dir, round_no, config)
     else:
-        retry = retry_candidates(crawl_dir, round_no, reasons)
-        _prepare_round(crawl_dir, round_no, _url_list(retry, retry.column("prior_timeouts").to_pylist()), config)
+        _prepare_retry_round(crawl_dir, round_no, reasons, config)
     return _run_round(crawl_dir, round_no, config, progress, log_file)
 
 

@@ -228,6 +228,7 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
     from img2dataset.distributor import pyspark_distributor
     from img2dataset.reader import Reader
 
+    from pipelines.crawl import url_lists
     from pipelines.crawl.image_helper import SharedHelpers
     from pipelines.crawl.processes import multiprocessing_distributor  # img2dataset's, its processes without torch
     from pipelines.crawl.robots_prefetch import RobotsPrefetch
@@ -243,7 +244,11 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
 
     poller = None
     with _chatter_to(log_file, config.max_image_pixels) as log:
-        reader = Reader(local_list, "parquet", "url", "caption", None, None, list(additional_columns),
+        # img2dataset's Reader reads each input file whole: a long list goes to it in files of whole shards.
+        rows_per_file = max(1, config.url_list_part_rows // config.number_sample_per_shard) \
+            * config.number_sample_per_shard
+        reader_input = url_lists.split_for_reader(local_list, os.path.join(staging, "url_list"), rows_per_file)
+        reader = Reader(reader_input, "parquet", "url", "caption", None, None, list(additional_columns),
                         config.number_sample_per_shard, set(done_shards), tmp_dir)
         downloader = make_downloader(config, column_list=reader.column_list, out_dir=out_dir,
                                      settings=worker_settings(config, publish_dir, progress_dir, log_file))

@@ -2,7 +2,8 @@
 
     CRAWL/00000.tar 00000.parquet 00000_stats.json ...      round 0 (published shards)
     CRAWL/recrawl-001/00000.tar ...                         round 1: retryable failures of round 0, fetched again
-    CRAWL/_clipline/round-000.input.parquet                 each round's URL list (sorted by uid)
+    CRAWL/_clipline/round-000.input.parquet                 each round's URL list (uid order, hosts spread;
+                                                            a long one in uid-range parts: crawl.url_lists)
     CRAWL/_clipline/round-000.config.json                   the CrawlConfig it ran with
 
 A shard is finished when its tar, its Parquet and its ``_stats.json`` are all published (the stats file is
