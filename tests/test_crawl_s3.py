@@ -29,14 +29,16 @@ def _candidates(urls: list[str]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema)
 
 
-def test_crawl_to_s3_publishes_and_resumes(s3_bucket, tmp_path, capfd):
+@pytest.mark.parametrize("part_rows", [None, 10], ids=["whole-list", "list-in-parts"])
+def test_crawl_to_s3_publishes_and_resumes(s3_bucket, tmp_path, capfd, part_rows):
+    config = CONFIG if part_rows is None else CONFIG.replace(url_list_part_rows=part_rows)
     with HostileWeb(HOSTS) as web:
         urls = [web.url(HOSTS[i % 2], f"/ok/s3-{i}.jpg") for i in range(25)] + [web.url(HOSTS[0], "/status/404/x.jpg")]
         cand = f"{s3_bucket}/curate/candidates/part-0.parquet"
         storage.write_table(cand, _candidates(urls))
         out = f"{s3_bucket}/build/crawl"
         log = tmp_path / "crawl.log"
-        stage = CrawlStage(CONFIG.replace(staging_dir=str(tmp_path / "staging")),
+        stage = CrawlStage(config.replace(staging_dir=str(tmp_path / "staging")),
                            {"candidates": f"{s3_bucket}/curate/candidates"}, out,
                            rejected=f"{s3_bucket}/build/rejected/crawl.parquet", log_file=str(log))
         result = stage.run()
@@ -64,7 +66,7 @@ def test_crawl_to_s3_publishes_and_resumes(s3_bucket, tmp_path, capfd):
         assert [r.done_shards for r in list_rounds(out)][0] == (0, 2)
         shard1 = set(storage.read_table(f"{out}/00001.parquet").column("url").to_pylist())
         web.reset()
-        again = CrawlStage(CONFIG.replace(staging_dir=str(tmp_path / "staging")),
+        again = CrawlStage(config.replace(staging_dir=str(tmp_path / "staging")),
                            {"candidates": f"{s3_bucket}/curate/candidates"}, out,
                            rejected=f"{s3_bucket}/build/rejected/crawl.parquet", log_file=str(log)).run()
         fetched = {web.url(r.host, r.path) for r in web.records() if r.path != "/robots.txt"}
