@@ -35,7 +35,8 @@ def _task(blob: bytes):
     pickle.loads(blob)  # what the pool does with each task's downloader
     ru = resource.getrusage(resource.RUSAGE_SELF)
     # Peak RSS of this process image (VmHWM starts again at exec; ru_maxrss would carry the parent's from the fork).
-    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    with open("/proc/self/status") as status:
+        hwm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     return {"cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mib": hwm_kib / 1024,
             "torch": "torch" in sys.modules, "img2dataset_main": "img2dataset.main" in sys.modules,
             "albumentations": "albumentations" in sys.modules,

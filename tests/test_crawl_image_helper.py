@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -175,7 +176,8 @@ def test_an_image_that_kills_its_helper_twice_is_refused_and_the_others_go_on(se
 
 
 def _helpers_exit_with_their_parent(tmp_path, setup: str, pids_expr: str) -> None:
-    """Run a parent that starts helpers (``setup``) and prints ``pids_expr``; SIGKILL it; its helpers must exit."""
+    """Run a parent that starts helpers (``setup``) and prints ``pids_expr``; SIGKILL it; its helpers must exit
+    (and shared ones remove the round's socket directory, which the killed parent could not)."""
     script = tmp_path / "parent.py"
     script.write_text(
         "import time\n"
@@ -199,6 +201,7 @@ def _helpers_exit_with_their_parent(tmp_path, setup: str, pids_expr: str) -> Non
     while time.monotonic() < deadline and any(_running(p) for p in pids):
         time.sleep(0.05)
     assert not any(_running(p) for p in pids)
+    return pids
 
 
 def test_a_helper_exits_when_its_crawl_process_is_killed(tmp_path):
@@ -207,10 +210,14 @@ def test_a_helper_exits_when_its_crawl_process_is_killed(tmp_path):
 
 
 def test_shared_helpers_exit_when_the_round_process_is_killed(tmp_path):
+    record = tmp_path / "helper_dir"
     _helpers_exit_with_their_parent(
         tmp_path, "shared = SharedHelpers(settings, 2)\n"
-                  "pool = ImageHelperPool(settings, 1, shared=shared.addresses)\nassert pool.wait_ready(60)",
+                  "pool = ImageHelperPool(settings, 1, shared=shared.addresses)\nassert pool.wait_ready(60)\n"
+                  f"open({str(record)!r}, 'w').write(shared.dir)",
         "shared.pids()")
+    helper_dir = record.read_text()
+    assert helper_dir.startswith(tempfile.gettempdir()) and not os.path.exists(helper_dir)
 
 
 def test_shared_helpers_serve_several_pools_and_count_cpu_per_pool(settings):

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.core import storage
-from pipelines.crawl import CrawlConfig, CrawlError, crawl_all, crawl_outcome, crawl_shard_files
-from pipelines.crawl import url_lists
+from pipelines.crawl import CrawlConfig, CrawlError, crawl_all, crawl_outcome, crawl_shard_files, url_lists
 from pipelines.crawl.driver import CARRIED_COLUMNS, _url_list, read_candidates
 from pipelines.crawl.rounds import meta_uri
 from pipelines.synthweb.hostile import HostileWeb

@@ -539,8 +539,9 @@ def serve_shared(control: Connection, listener: socket.socket) -> None:
             if ready is control:
                 try:
                     control.recv_bytes()
-                except (EOFError, OSError):
-                    return  # the round ended or its process died
+                except (EOFError, OSError):  # the round ended or its process died (and cannot clean up)
+                    _remove_socket_file(listener)
+                    return
             elif ready is listener:
                 try:
                     sock, _ = listener.accept()
@@ -568,6 +569,22 @@ def serve_shared(control: Connection, listener: socket.socket) -> None:
                 except OSError:
                     conns.pop(ready, None)
                     ready.close()
+
+
+def _remove_socket_file(listener: socket.socket) -> None:
+    """Remove this helper's socket file, and the round's socket directory once it is empty (the last helper out):
+    a round process that was killed leaves them to its helpers."""
+    try:
+        path = listener.getsockname()
+    except OSError:
+        return
+    if not isinstance(path, str) or not path:
+        return
+    for remove, target in ((os.unlink, path), (os.rmdir, os.path.dirname(path))):
+        try:
+            remove(target)
+        except OSError:  # already gone (the round removed it), or another helper's socket is still there
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
