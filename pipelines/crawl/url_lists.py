@@ -133,8 +133,9 @@ def write_parted(files: list[str], uri: str, columns: list[str], *, part_rows: i
     bounds = _bounds(files, n_rows, parts)
     parts = len(bounds) + 1
     work = tempfile.mkdtemp(prefix="clipline-url-list-", dir=tmp_dir)
+    writers: dict[int, pq.ParquetWriter] = {}
+    closed = False
     try:
-        writers: dict[int, pq.ParquetWriter] = {}
         schema = None
         for f, start, table in _batches(files):
             table = _conformed(f, start, table) if candidates else table
@@ -151,6 +152,7 @@ def write_parted(files: list[str], uri: str, columns: list[str], *, part_rows: i
                     writers[p].write_table(table.slice(cuts[p], cuts[p + 1] - cuts[p]))
         for w in writers.values():
             w.close()
+        closed = True
 
         def fill(out) -> None:
             writer = None
@@ -177,6 +179,12 @@ def write_parted(files: list[str], uri: str, columns: list[str], *, part_rows: i
 
         storage.write_stream_atomic(uri, fill)
     finally:
+        if not closed:  # a file failed part-way through pass 2: the open part files are closed, then removed
+            for w in writers.values():
+                try:
+                    w.close()
+                except (OSError, pa.ArrowException):
+                    pass
         shutil.rmtree(work, ignore_errors=True)
     return parts
 
