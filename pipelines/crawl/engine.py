@@ -233,6 +233,7 @@ def run_round(config: CrawlConfig, *, round_no: int, url_list: str, publish_dir:
     from pipelines.crawl.processes import multiprocessing_distributor  # img2dataset's, its processes without torch
     from pipelines.crawl.robots_prefetch import RobotsPrefetch
     from pipelines.crawl.robots_store import RobotsStore
+
     storage.delete_prefix(staging)
     out_dir, tmp_dir, progress_dir = (os.path.join(staging, d) for d in ("out", "_tmp", "_progress"))
     for d in (out_dir, tmp_dir, progress_dir):

@@ -308,10 +308,10 @@ class ImageHelperPool:
     def submit(self, data: bytes, done: Callable[[Processed | Exception], None]) -> None:
         """Hand ``data`` to a helper; ``done`` gets its :class:`~pipelines.crawl.processing.Processed` (or the
         exception ``process_body`` raised) later, from another thread. :class:`HelperUnavailable` when no helper
-        is ready within ``start_wait_s`` (the caller processes the image itself). An image whose helper died is sent to another one
-        (waiting for it to start); an image that was with two helpers when they died, or that no other helper can
-        take, is refused as ``decode_error`` and never processed in the crawl process (it may be an image that
-        crashes the decoder)."""
+        is ready within ``start_wait_s`` (the caller processes the image itself). An image whose helper died is
+        sent to another one (waiting for it to start); an image that was with two helpers when they died, or that
+        no other helper can take, is refused as ``decode_error`` and never processed in the crawl process (it may
+        be an image that crashes the decoder)."""
         item = _Pending(next(self.seq), data, done)
         helper = self._pick(wait=self.start_wait_s > 0, timeout=self.start_wait_s)
         try:

@@ -83,12 +83,6 @@ class LazyResizer:
     def __setstate__(self, state):
         self._blob, self._resizer, self._lock = state["blob"], None, threading.Lock()
 
-    def __eq__(self, other):
-        return isinstance(other, LazyResizer) and other._blob == self._blob
-
-    def __hash__(self):
-        return hash(self._blob)
-
     @property
     def loaded(self) -> bool:
         return self._resizer is not None

@@ -92,8 +92,7 @@ def _bounds(files: list[str], n_rows: int, parts: int) -> list[str]:
         sample.extend(u for u in table.column("uid").slice(first).to_pylist()[::step] if u is not None)
         offset += table.num_rows
     sample.sort()
-    bounds = sorted({sample[len(sample) * i // parts] for i in range(1, parts)}) if sample else []
-    return bounds
+    return sorted({sample[len(sample) * i // parts] for i in range(1, parts)}) if sample else []
 
 
 def _bisect(sorted_uids: pa.Array, uid: str) -> int:
